@@ -1,0 +1,281 @@
+"""`tessera export`: a local diffusers pipeline -> a Triton model repository.
+
+One Triton model per component (text encoder(s), denoiser, VAE decoder) plus the entry model `txt2img`.
+`--target cpu` writes Python-backend models running ONNX Runtime (the embedded server has no ORT
+backend); `--target gpu` writes `tensorrt_plan` models built with optimisation profiles, and stops with
+a clear message where TensorRT or a GPU is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from tessera.errors import ExportError, RuntimeUnavailableError
+from tessera.inputs import Limits
+from tessera.spec import PipelineSpec
+from tessera.wire import ENTRY_INPUTS, ENTRY_MAX_BATCH, ENTRY_MODEL, OUTPUT_IMAGE
+
+from .onnx_export import OPSET, ComponentExport, export_component, plan_components
+from .tiny import load_pipeline
+
+TARGETS = ("cpu", "gpu")
+EXECUTORS = ("bls", "local")
+COMPONENT_MAX_BATCH = 16
+SHIM_COMPONENT = "from tessera.triton.ort_model import TritonPythonModel  # noqa: F401\n"
+SHIM_ENTRY = "from tessera.triton.txt2img_model import TritonPythonModel  # noqa: F401\n"
+_NP_TO_TRITON = {np.float32: "TYPE_FP32", np.int64: "TYPE_INT64", np.int32: "TYPE_INT32"}
+
+
+def check_tensorrt() -> None:
+    """Raise RuntimeUnavailableError unless TensorRT imports and a CUDA GPU is visible."""
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as e:  # ImportError, or a missing libnvinfer behind the bindings
+        raise RuntimeUnavailableError(
+            f"--target gpu: TensorRT is not available on this host ({type(e).__name__}: {e}). "
+            "Build TensorRT plans on a GPU host with the tensorrt package installed, or use --target cpu."
+        ) from e
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeUnavailableError(
+            "--target gpu: no CUDA GPU is visible (torch.cuda.is_available() is False); "
+            "TensorRT plans must be built on the GPU they will run on. Use --target cpu here."
+        )
+
+
+def _family(pipe) -> str:
+    if getattr(pipe, "unet", None) is not None:
+        return "sd"
+    tr = getattr(pipe, "transformer", None)
+    if tr is not None and type(tr).__name__ == "SD3Transformer2DModel":
+        return "sd3"
+    raise ExportError(
+        f"pipeline: unsupported pipeline class {type(pipe).__name__}; allowed StableDiffusionPipeline-style "
+        "(UNet2DConditionModel) or StableDiffusion3Pipeline-style (SD3Transformer2DModel, no T5)"
+    )
+
+
+def _config_hash(model) -> str:
+    cfg = getattr(model, "config", None)
+    data = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _io_block(kind: str, entries: list[tuple[str, str, list[int], bool, bool]]) -> str:
+    rows = []
+    for name, dtype, dims, optional, scalar in entries:
+        extra = " optional: true" if optional else ""
+        extra += " reshape: { shape: [ ] }" if scalar else ""
+        rows.append(f'  {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(map(str, dims))} ]{extra} }}')
+    return f"{kind} [\n" + ",\n".join(rows) + "\n]\n"
+
+
+def _component_io(comp: ComponentExport, trt: bool):
+    """Triton dims (batch dim dropped, dynamic axes -1) from the example shapes and dynamic axes."""
+    ins, outs = [], []
+    for name in comp.input_names:
+        shape, dtype, _ = comp.example_shapes[0][name]
+        dyn = comp.dynamic_axes.get(name, {})
+        dims = [-1 if i in dyn else s for i, s in enumerate(shape)][1:]
+        scalar = not dims
+        ins.append((name, _NP_TO_TRITON[np.dtype(dtype).type], dims or [1], False, scalar and trt))
+    return ins, outs
+
+
+def _component_config(name: str, comp: ComponentExport, out_dims: dict[str, list[int]], trt: bool) -> str:
+    ins, _ = _component_io(comp, trt)
+    outs = [(o, "TYPE_FP32", out_dims[o], False, False) for o in comp.output_names]
+    head = f'name: "{name}"\n'
+    head += 'platform: "tensorrt_plan"\n' if trt else 'backend: "python"\n'
+    head += f"max_batch_size: {COMPONENT_MAX_BATCH}\n"
+    body = _io_block("input", ins) + _io_block("output", outs)
+    kind = "KIND_GPU" if trt else "KIND_CPU"
+    # Queue delay 0: a delay is charged in full to a lone per-step call (feasibility §5.3).
+    tail = "dynamic_batching { max_queue_delay_microseconds: 0 }\n"
+    tail += f"instance_group [ {{ count: 1 kind: {kind} }} ]\n"
+    if not trt:
+        tail += 'parameters: { key: "intra_op_threads" value: { string_value: "1" } }\n'
+    return head + body + tail
+
+
+def _entry_config(name: str, executor: str, instances: int) -> str:
+    ins = [
+        (s.name, f"TYPE_{s.triton_type}", [1], s.optional, False)
+        for s in ENTRY_INPUTS
+    ]
+    outs = [(OUTPUT_IMAGE, "TYPE_UINT8", [-1, -1, 3], False, False)]
+    return (
+        f'name: "{name}"\nbackend: "python"\nmax_batch_size: {ENTRY_MAX_BATCH}\n'
+        + _io_block("input", ins)
+        + _io_block("output", outs)
+        + f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]\n"
+        + f'parameters: {{ key: "executor" value: {{ string_value: "{executor}" }} }}\n'
+        + 'parameters: { key: "intra_op_threads" value: { string_value: "1" } }\n'
+    )
+
+
+def _output_dims(comp: ComponentExport, path: Path) -> dict[str, list[int]]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    dims = {}
+    for out in model.graph.output:
+        shape = out.type.tensor_type.shape.dim
+        dims[out.name] = [d.dim_value if d.dim_value > 0 and not d.dim_param else -1 for d in shape][1:]
+    return dims
+
+
+def _build_plan(onnx_path: Path, plan_path: Path, comp: ComponentExport, limits: Limits, vae_factor: int) -> None:
+    """Build a TensorRT engine with one optimisation profile spanning the served sizes."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"{comp.name}: TensorRT could not parse {onnx_path}: {errs}")
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    lo, hi = limits.min_size // vae_factor, limits.max_size // vae_factor
+    for name in comp.input_names:
+        shape, _, _ = comp.example_shapes[0][name]
+        dyn = comp.dynamic_axes.get(name, {})
+        mins, opts, maxs = [], [], []
+        for axis, size in enumerate(shape):
+            if axis == 0:
+                mins.append(1), opts.append(2), maxs.append(COMPONENT_MAX_BATCH)
+            elif axis in dyn and dyn[axis] in ("height", "width"):
+                mins.append(lo), opts.append((lo + hi) // 2), maxs.append(hi)
+            else:
+                mins.append(size), opts.append(size), maxs.append(size)
+        profile.set_shape(name, mins, opts, maxs)
+    config.add_optimization_profile(profile)
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise ExportError(f"{comp.name}: TensorRT failed to build an engine from {onnx_path}")
+    plan_path.write_bytes(bytes(engine))
+
+
+def export_pipeline(
+    pipeline_dir: str | Path,
+    repo: str | Path,
+    target: str = "cpu",
+    prefix: str = "",
+    executor: str = "bls",
+    entry_instances: int = 1,
+    limits: Limits | None = None,
+    tolerance: float = 1e-3,
+    progress=print,
+) -> PipelineSpec:
+    """Export every component and write the repository; returns the entry model's PipelineSpec."""
+    if target not in TARGETS:
+        raise ExportError(f"target: unknown target; allowed {', '.join(TARGETS)}, got {target!r}")
+    if executor not in EXECUTORS:
+        raise ExportError(f"executor: unknown executor; allowed {', '.join(EXECUTORS)}, got {executor!r}")
+    if target == "gpu":
+        if executor == "local":
+            raise ExportError("executor: 'local' runs ONNX Runtime in-process; allowed with --target gpu: bls")
+        check_tensorrt()
+    import torch
+
+    torch.set_num_threads(1)
+    t0 = time.monotonic()
+    pipeline_dir, repo = Path(pipeline_dir), Path(repo)
+    progress(f"[tessera] export: loading {pipeline_dir}")
+    pipe = load_pipeline(pipeline_dir)
+    family = _family(pipe)
+    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    if family == "sd":
+        den_factor = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+        patch = 1
+    else:
+        patch = pipe.transformer.config.patch_size
+        den_factor = patch
+    multiple = vae_factor * den_factor
+    limits = limits or Limits()
+    limits = replace(limits, size_multiple=multiple, min_size=max(limits.min_size, multiple))
+    m = multiple // vae_factor
+    comps = plan_components(pipe, family, ((4 * m, 4 * m), (6 * m, 4 * m)))
+    names = {c.name: prefix + c.name for c in comps}
+    repo.mkdir(parents=True, exist_ok=True)
+    for i, comp in enumerate(comps, 1):
+        name = names[comp.name]
+        vdir = repo / name / "1"
+        shutil.rmtree(repo / name, ignore_errors=True)
+        vdir.mkdir(parents=True)
+        progress(f"[tessera] export [{i}/{len(comps)}] {comp.name} -> {name} (ONNX opset {OPSET})")
+        onnx_path = vdir / "model.onnx"
+        diff = export_component(comp, onnx_path, tolerance, progress)
+        out_dims = _output_dims(comp, onnx_path)
+        trt = target == "gpu"
+        if trt:
+            progress(f"[tessera] export [{i}/{len(comps)}] {comp.name}: building TensorRT plan")
+            _build_plan(onnx_path, vdir / "model.plan", comp, limits, vae_factor)
+            onnx_path.rename(repo / name / "model.onnx")
+        else:
+            (vdir / "model.py").write_text(SHIM_COMPONENT)
+        (repo / name / "config.pbtxt").write_text(_component_config(name, comp, out_dims, trt))
+        module = getattr(comp.module, "model", None) or getattr(comp.module, "vae", None)
+        (vdir / "manifest.json").write_text(
+            json.dumps(
+                {
+                    "component": comp.name,
+                    "source": str(pipeline_dir.resolve()),
+                    "source_class": type(module).__name__,
+                    "config_sha256": _config_hash(module),
+                    "opset": OPSET,
+                    "inputs": list(comp.input_names),
+                    "outputs": list(comp.output_names),
+                    "max_abs_diff_vs_torch": diff,
+                    "target": target,
+                },
+                indent=2,
+            )
+        )
+    entry = prefix + ENTRY_MODEL
+    edir = repo / entry / "1"
+    shutil.rmtree(repo / entry, ignore_errors=True)
+    edir.mkdir(parents=True)
+    encoders = [c.name for c in comps if c.name.startswith("text_encoder")]
+    tokenizer_dirs = []
+    for enc in encoders:
+        tok_attr = "tokenizer" if enc == "text_encoder" else "tokenizer" + enc[len("text_encoder") :]
+        getattr(pipe, tok_attr).save_pretrained(edir / tok_attr)
+        tokenizer_dirs.append(tok_attr)
+    vae_cfg = pipe.vae.config
+    spec = PipelineSpec(
+        family=family,
+        latent_channels=int(vae_cfg.latent_channels),
+        vae_scale_factor=vae_factor,
+        scaling_factor=float(vae_cfg.scaling_factor),
+        shift_factor=float(getattr(vae_cfg, "shift_factor", None) or 0.0),
+        text_encoders=tuple(names[e] for e in encoders),
+        tokenizers=tuple(tokenizer_dirs),
+        denoiser=names["denoiser"],
+        vae_decoder=names["vae_decoder"],
+        sampler_config=json.loads(json.dumps(dict(pipe.scheduler.config), default=str))
+        | {"_class_name": type(pipe.scheduler).__name__},
+        joint_attention_dim=int(pipe.transformer.config.joint_attention_dim) if family == "sd3" else 0,
+        t5_tokens=256 if family == "sd3" else 0,
+        patch_size=patch,
+        limits=limits,
+        source={"pipeline_dir": str(pipeline_dir.resolve()), "class": type(pipe).__name__, "target": target},
+    )
+    (edir / "manifest.json").write_text(spec.to_json())
+    (edir / "model.py").write_text(SHIM_ENTRY)
+    (repo / entry / "config.pbtxt").write_text(_entry_config(entry, executor, entry_instances))
+    progress(
+        f"[tessera] export: wrote {entry} + {len(comps)} components ({family}, sizes "
+        f"{limits.min_size}..{limits.max_size} step {limits.size_multiple}) to {repo} in {time.monotonic() - t0:.1f}s"
+    )
+    return spec

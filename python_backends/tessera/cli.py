@@ -1,0 +1,157 @@
+"""`tessera` command line: build-tiny, export, serve, generate."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .errors import TesseraError
+
+
+def _cmd_build_tiny(a: argparse.Namespace) -> int:
+    from tessera_export.tiny import build_tiny
+
+    _single_thread()
+    build_tiny(a.dir, kind=a.kind, seed=a.seed)
+    return 0
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from tessera_export.repository import export_pipeline
+
+    from .inputs import Limits
+
+    _single_thread()
+    limits = Limits(min_size=a.min_size, max_size=a.max_size, max_steps=a.max_steps)
+    export_pipeline(
+        a.pipeline_dir, a.repo, target=a.target, prefix=a.prefix, executor=a.executor,
+        entry_instances=a.instances, limits=limits, tolerance=a.tolerance,
+    )
+    return 0
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    from .server import TritonServer
+
+    server = TritonServer(
+        Path(a.repo), http_port=a.http_port, grpc_port=a.grpc_port, metrics_port=a.metrics_port, address=a.address,
+        log_path=Path(a.log) if a.log else None,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"[tessera] starting tritonserver on {a.address} (log: {server.log_path})", flush=True)
+    server.start(timeout_s=a.ready_timeout)
+    print(
+        f"[tessera] ready: http {server.http_url}  grpc {server.grpc_url}  metrics {server.metrics_url}",
+        flush=True,
+    )
+    try:
+        while not stop.is_set():
+            if server.proc.poll() is not None:
+                print(f"[tessera] tritonserver exited with code {server.proc.returncode}:\n{server.errors()}",
+                      file=sys.stderr)
+                return 1
+            stop.wait(0.5)
+    finally:
+        print("[tessera] stopping tritonserver", flush=True)
+        server.stop()
+    return 0
+
+
+def _cmd_generate(a: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from .client import infer_image, make_client, request_arrays
+
+    client = make_client(a.protocol, a.url)
+    arrays = request_arrays(
+        a.prompt, a.height, a.width, a.steps, a.guidance_scale, a.seed, a.negative_prompt, a.slo_ms
+    )
+    t0 = time.perf_counter()
+    image = infer_image(client, a.protocol, arrays, model=a.model)
+    ms = (time.perf_counter() - t0) * 1e3
+    Image.fromarray(image[0]).save(a.out)
+    print(f"[tessera] {a.width}x{a.height} {a.steps} steps via {a.protocol}: {ms:.0f} ms -> {a.out}")
+    return 0
+
+
+def _single_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tessera", description="SLO-aware text-to-image serving on Triton")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("build-tiny", help="build a tiny random-weight diffusers pipeline offline")
+    b.add_argument("dir")
+    b.add_argument("--kind", choices=["unet", "dit"], default="unet")
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(fn=_cmd_build_tiny)
+
+    e = sub.add_parser("export", help="export a local diffusers pipeline into a Triton model repository")
+    e.add_argument("pipeline_dir")
+    e.add_argument("--repo", required=True)
+    e.add_argument("--target", choices=["cpu", "gpu"], default="cpu")
+    e.add_argument("--prefix", default="", help="prefix for every model name (several pipelines in one repo)")
+    e.add_argument("--executor", choices=["bls", "local"], default="bls",
+                   help="entry model calls components over BLS, or runs their ONNX files in-process")
+    e.add_argument("--instances", type=int, default=1, help="entry model instances")
+    e.add_argument("--min-size", type=int, default=64)
+    e.add_argument("--max-size", type=int, default=512)
+    e.add_argument("--max-steps", type=int, default=200)
+    e.add_argument("--tolerance", type=float, default=1e-3, help="max abs diff ONNX vs torch")
+    e.set_defaults(fn=_cmd_export)
+
+    s = sub.add_parser("serve", help="run the embedded tritonserver on a repository")
+    s.add_argument("--repo", required=True)
+    s.add_argument("--address", default="127.0.0.1")
+    s.add_argument("--http-port", type=int, default=0, help="0: a free port")
+    s.add_argument("--grpc-port", type=int, default=0)
+    s.add_argument("--metrics-port", type=int, default=0)
+    s.add_argument("--log", default=None, help="server log file")
+    s.add_argument("--ready-timeout", type=float, default=300.0)
+    s.set_defaults(fn=_cmd_serve)
+
+    g = sub.add_parser("generate", help="generate one image through a running server")
+    g.add_argument("--url", default="127.0.0.1:8000")
+    g.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    g.add_argument("--model", default="txt2img")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--height", type=int, default=128)
+    g.add_argument("--width", type=int, default=128)
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--guidance-scale", type=float, default=5.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--slo-ms", type=int, default=None)
+    g.add_argument("--out", default="image.png")
+    g.set_defaults(fn=_cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except TesseraError as e:
+        print(f"tessera {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # tritonclient errors carry the server's message
+        if type(e).__name__ == "InferenceServerException":
+            print(f"tessera {args.cmd}: server error: {e}", file=sys.stderr)
+            return 3
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

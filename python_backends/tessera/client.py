@@ -1,0 +1,94 @@
+"""tritonclient helpers for the entry model: build inputs, infer over HTTP or gRPC. Used by the CLI,
+the demo, the tests and the benchmarks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from .wire import ENTRY_INPUTS, ENTRY_MODEL, OUTPUT_IMAGE, client_datatype
+
+PROTOCOLS = ("http", "grpc")
+_SPECS = {s.name: s for s in ENTRY_INPUTS}
+
+
+def _module(protocol: str):
+    if protocol == "http":
+        import tritonclient.http as m
+    elif protocol == "grpc":
+        import tritonclient.grpc as m
+    else:
+        raise ValueError(f"protocol: unknown protocol; allowed {', '.join(PROTOCOLS)}, got {protocol!r}")
+    return m
+
+
+def request_arrays(
+    prompt: str | list[str],
+    height: int,
+    width: int,
+    steps: int,
+    guidance_scale: float = 5.0,
+    seed: int | list[int] = 0,
+    negative_prompt: str | list[str] | None = None,
+    slo_ms: int | None = None,
+) -> dict[str, np.ndarray]:
+    """The entry model's input tensors ([batch, 1] each) for one request."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    n = len(prompts)
+    seeds = [seed] * n if isinstance(seed, int) else list(seed)
+
+    def col(values, dtype):
+        return np.asarray(values, dtype=dtype).reshape(n, 1)
+
+    arrays = {
+        "prompt": col([p.encode() for p in prompts], np.object_),
+        "height": col([height] * n, np.int32),
+        "width": col([width] * n, np.int32),
+        "steps": col([steps] * n, np.int32),
+        "guidance_scale": col([guidance_scale] * n, np.float32),
+        "seed": col(seeds, np.int64),
+    }
+    if negative_prompt is not None:
+        negs = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
+        arrays["negative_prompt"] = col([s.encode() for s in negs], np.object_)
+    if slo_ms is not None:
+        arrays["slo_ms"] = col([slo_ms] * n, np.int32)
+    return arrays
+
+
+def infer_inputs(protocol: str, arrays: Mapping[str, np.ndarray], datatypes: Mapping[str, str] | None = None):
+    """tritonclient InferInput objects; `datatypes` overrides the declared type (tests send wrong ones)."""
+    m = _module(protocol)
+    inputs = []
+    for name, array in arrays.items():
+        spec = _SPECS.get(name)
+        dtype = (datatypes or {}).get(name) or (client_datatype(spec) if spec else _np_datatype(array))
+        inp = m.InferInput(name, list(array.shape), dtype)
+        inp.set_data_from_numpy(array)
+        inputs.append(inp)
+    return inputs
+
+
+def _np_datatype(array: np.ndarray) -> str:
+    from tritonclient.utils import np_to_triton_dtype
+
+    return np_to_triton_dtype(array.dtype)
+
+
+def make_client(protocol: str, url: str, **kw):
+    m = _module(protocol)
+    return m.InferenceServerClient(url=url, **kw)
+
+
+def infer_image(
+    client, protocol: str, arrays: Mapping[str, np.ndarray], model: str = ENTRY_MODEL, timeout_s: float | None = None
+) -> np.ndarray:
+    """Send one request and return the image tensor [batch, H, W, 3] uint8 (raises InferenceServerException)."""
+    m = _module(protocol)
+    outputs = [m.InferRequestedOutput(OUTPUT_IMAGE)]
+    kw = {}
+    if timeout_s is not None and protocol == "grpc":
+        kw["client_timeout"] = timeout_s
+    result = client.infer(model, infer_inputs(protocol, arrays), outputs=outputs, **kw)
+    return result.as_numpy(OUTPUT_IMAGE)

@@ -1,0 +1,59 @@
+"""PipelineSpec: what the served pipeline is, as the exporter found it. Stored as the entry model's
+manifest.json and verified at load."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+from .inputs import Limits
+
+FAMILIES = ("sd", "sd3")
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineSpec:
+    family: str  # "sd" (UNet, StableDiffusionPipeline) or "sd3" (DiT, StableDiffusion3Pipeline)
+    latent_channels: int
+    vae_scale_factor: int  # pixels per latent cell
+    scaling_factor: float  # VAE latent scaling
+    shift_factor: float  # VAE latent shift (0 for sd)
+    text_encoders: tuple[str, ...]  # component model names, in the pipeline's order
+    tokenizers: tuple[str, ...]  # sub-directories of the entry model's version dir, one per encoder
+    denoiser: str
+    vae_decoder: str
+    sampler_config: dict  # the diffusers noise scheduler's config (with _class_name)
+    joint_attention_dim: int = 0  # sd3: width the CLIP embeddings are padded to
+    t5_tokens: int = 0  # sd3 without T5: number of zero tokens appended (diffusers' max_sequence_length)
+    patch_size: int = 1  # sd3 denoiser patch size
+    limits: Limits = field(default_factory=Limits)
+    source: dict = field(default_factory=dict)  # provenance: pipeline dir, class, config hashes
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError(f"family: unknown pipeline family; allowed {', '.join(FAMILIES)}, got {self.family!r}")
+        if len(self.text_encoders) != len(self.tokenizers):
+            raise ConfigError(
+                f"tokenizers: one per text encoder; got {len(self.tokenizers)} for {len(self.text_encoders)} encoders"
+            )
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["manifest_version"] = MANIFEST_VERSION
+        return json.dumps(data, indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls, path: str | Path) -> PipelineSpec:
+        data = json.loads(Path(path).read_text())
+        version = data.pop("manifest_version", None)
+        if version != MANIFEST_VERSION:
+            raise ConfigError(
+                f"manifest_version: {path} was written by another Tessera; allowed {MANIFEST_VERSION}, got {version}"
+            )
+        data["limits"] = Limits.from_dict(data.get("limits", {}))
+        data["text_encoders"] = tuple(data["text_encoders"])
+        data["tokenizers"] = tuple(data["tokenizers"])
+        return cls(**data)

@@ -1,0 +1,37 @@
+"""BlsComponents: the Components interface over BLS calls to the repository's component models."""
+
+from __future__ import annotations
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from ..errors import ExecutorError
+from ..executors.base import DENOISER_OUTPUT, TEXT_INPUT, TEXT_OUTPUTS, VAE_INPUT, VAE_OUTPUT
+from ..executors.ort import from_triton_shape, to_triton_shape
+from ..spec import PipelineSpec
+
+
+class BlsComponents:
+    def __init__(self, spec: PipelineSpec):
+        self.spec = spec
+
+    def _call(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+        request = pb_utils.InferenceRequest(
+            model_name=model,
+            requested_output_names=list(outputs),
+            inputs=[pb_utils.Tensor(k, np.ascontiguousarray(to_triton_shape(v))) for k, v in inputs.items()],
+        )
+        response = request.exec()
+        if response.has_error():
+            raise ExecutorError(f"{model}: {response.error().message()}")
+        return {n: pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in outputs}
+
+    def encode_text(self, encoder: str, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+        return self._call(encoder, {TEXT_INPUT: input_ids}, TEXT_OUTPUTS)
+
+    def denoise(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self._call(self.spec.denoiser, inputs, (DENOISER_OUTPUT,))[DENOISER_OUTPUT]
+
+    def decode(self, latent: np.ndarray) -> np.ndarray:
+        out = self._call(self.spec.vae_decoder, {VAE_INPUT: latent}, (VAE_OUTPUT,))[VAE_OUTPUT]
+        return from_triton_shape(out, 4)

@@ -1,0 +1,43 @@
+"""Triton model and tensor names, dtypes and default limits: one source for adapters, CLI, demo and tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+ENTRY_MODEL = "txt2img"
+TEXT_ENCODER = "text_encoder"
+TEXT_ENCODER_2 = "text_encoder_2"
+DENOISER = "denoiser"
+VAE_DECODER = "vae_decoder"
+
+OUTPUT_IMAGE = "image"  # UINT8 [batch, H, W, 3]
+
+
+@dataclass(frozen=True, slots=True)
+class InputSpec:
+    name: str
+    dtype: type  # numpy dtype of the tensor
+    triton_type: str  # Triton datatype string (config.pbtxt uses TYPE_<triton_type>)
+    optional: bool = False
+
+
+# Every entry input is [batch, 1]: the batch dimension first, one value per batch item.
+ENTRY_INPUTS: tuple[InputSpec, ...] = (
+    InputSpec("prompt", np.object_, "STRING"),
+    InputSpec("negative_prompt", np.object_, "STRING", optional=True),
+    InputSpec("height", np.int32, "INT32"),
+    InputSpec("width", np.int32, "INT32"),
+    InputSpec("steps", np.int32, "INT32"),
+    InputSpec("guidance_scale", np.float32, "FP32"),
+    InputSpec("seed", np.int64, "INT64"),
+    InputSpec("slo_ms", np.int32, "INT32", optional=True),
+)
+ENTRY_INPUT_NAMES = tuple(s.name for s in ENTRY_INPUTS)
+ENTRY_MAX_BATCH = 4
+
+
+def client_datatype(spec: InputSpec) -> str:
+    """The datatype string tritonclient's InferInput expects (BYTES for strings)."""
+    return "BYTES" if spec.triton_type == "STRING" else spec.triton_type
