@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 from dataclasses import replace
@@ -78,20 +79,20 @@ def _io_block(kind: str, entries: list[tuple[str, str, list[int], bool, bool]]) 
     return f"{kind} [\n" + ",\n".join(rows) + "\n]\n"
 
 
-def _component_io(comp: ComponentExport, trt: bool):
+def _component_inputs(comp: ComponentExport, trt: bool) -> list[tuple[str, str, list[int], bool, bool]]:
     """Triton dims (batch dim dropped, dynamic axes -1) from the example shapes and dynamic axes."""
-    ins, outs = [], []
+    ins = []
     for name in comp.input_names:
         shape, dtype, _ = comp.example_shapes[0][name]
         dyn = comp.dynamic_axes.get(name, {})
         dims = [-1 if i in dyn else s for i, s in enumerate(shape)][1:]
         scalar = not dims
         ins.append((name, _NP_TO_TRITON[np.dtype(dtype).type], dims or [1], False, scalar and trt))
-    return ins, outs
+    return ins
 
 
 def _component_config(name: str, comp: ComponentExport, out_dims: dict[str, list[int]], trt: bool) -> str:
-    ins, _ = _component_io(comp, trt)
+    ins = _component_inputs(comp, trt)
     outs = [(o, "TYPE_FP32", out_dims[o], False, False) for o in comp.output_names]
     head = f'name: "{name}"\n'
     head += 'platform: "tensorrt_plan"\n' if trt else 'backend: "python"\n'
@@ -279,3 +280,23 @@ def export_pipeline(
         f"{limits.min_size}..{limits.max_size} step {limits.size_multiple}) to {repo} in {time.monotonic() - t0:.1f}s"
     )
     return spec
+
+
+def clone_entry(repo: str | Path, src: str, dst: str, executor: str | None = None, instances: int | None = None) -> Path:
+    """Add entry model `dst` over the same components as `src` (another executor or instance count)."""
+    if executor is not None and executor not in EXECUTORS:
+        raise ExportError(f"executor: unknown executor; allowed {', '.join(EXECUTORS)}, got {executor!r}")
+    repo = Path(repo)
+    shutil.rmtree(repo / dst, ignore_errors=True)
+    shutil.copytree(repo / src, repo / dst)
+    config = (repo / dst / "config.pbtxt").read_text().replace(f'name: "{src}"', f'name: "{dst}"', 1)
+    if executor is not None:
+        config = re.sub(
+            r'key: "executor" value: \{ string_value: "\w+" \}',
+            f'key: "executor" value: {{ string_value: "{executor}" }}',
+            config,
+        )
+    if instances is not None:
+        config = re.sub(r"instance_group \[ \{ count: \d+", f"instance_group [ {{ count: {instances}", config)
+    (repo / dst / "config.pbtxt").write_text(config)
+    return repo / dst

@@ -57,13 +57,14 @@ def request_arrays(
     return arrays
 
 
-def infer_inputs(protocol: str, arrays: Mapping[str, np.ndarray], datatypes: Mapping[str, str] | None = None):
-    """tritonclient InferInput objects; `datatypes` overrides the declared type (tests send wrong ones)."""
+def infer_inputs(protocol: str, arrays: Mapping[str, np.ndarray], declared_types: bool = True):
+    """tritonclient InferInput objects. With declared_types=False each tensor is sent with its numpy
+    dtype, even where the model declares another (tests send wrong ones)."""
     m = _module(protocol)
     inputs = []
     for name, array in arrays.items():
         spec = _SPECS.get(name)
-        dtype = (datatypes or {}).get(name) or (client_datatype(spec) if spec else _np_datatype(array))
+        dtype = client_datatype(spec) if spec and declared_types else _np_datatype(array)
         inp = m.InferInput(name, list(array.shape), dtype)
         inp.set_data_from_numpy(array)
         inputs.append(inp)

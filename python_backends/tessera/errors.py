@@ -37,5 +37,5 @@ class ExportError(TesseraError, RuntimeError):
 
 
 def _short(value: object, limit: int = 80) -> str:
-    text = repr(value)
+    text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny pipelines built once, one exported repository, one real tritonserver per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+PROMPT = "a red circle at top left"
+SIZES = ((128, 128), (128, 192), (192, 128))  # (height, width): three resolutions, latents 16x16, 16x24, 24x16
+
+
+@pytest.fixture(scope="session")
+def work_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tessera")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipelines(work_dir) -> dict[str, Path]:
+    from tessera_export.tiny import build_tiny
+
+    return {kind: build_tiny(work_dir / f"tiny-{kind}", kind=kind, progress=lambda *_: None) for kind in ("unet", "dit")}
+
+
+@pytest.fixture(scope="session")
+def repo(work_dir, tiny_pipelines) -> Path:
+    """One repository serving both pipelines: `txt2img` (UNet) and `dit_txt2img` (SD3-style DiT), plus
+    `txt2img_local`, the UNet entry running its ONNX components in-process."""
+    from tessera_export.repository import clone_entry, export_pipeline
+
+    path = work_dir / "repo"
+    quiet = lambda *_: None  # noqa: E731
+    export_pipeline(tiny_pipelines["unet"], path, progress=quiet)
+    export_pipeline(tiny_pipelines["dit"], path, prefix="dit_", progress=quiet)
+    clone_entry(path, "txt2img", "txt2img_local", executor="local")
+    return path
+
+
+@pytest.fixture(scope="session")
+def server(repo):
+    from tessera.server import TritonServer
+
+    srv = TritonServer(repo, exit_timeout_s=10)
+    srv.start()
+    yield srv
+    pgid = srv.proc.pid
+    srv.stop()
+    from tessera.server import _group_members
+
+    assert _group_members(pgid) == [], "tritonserver or a Python stub survived stop()"
+
+
+@pytest.fixture(scope="session")
+def diffusers_pipes(tiny_pipelines):
+    from tessera_export.tiny import load_pipeline
+
+    pipes = {kind: load_pipeline(path) for kind, path in tiny_pipelines.items()}
+    for p in pipes.values():
+        p.set_progress_bar_config(disable=True)
+    return pipes
+
+
+def diffusers_image(pipe, prompt, height, width, steps, guidance, seed, negative=None):
+    """The in-process diffusers pipeline's image as uint8 [H, W, 3] (its own PIL conversion)."""
+    import numpy as np
+
+    out = pipe(
+        prompt,
+        negative_prompt=negative,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pil",
+    ).images[0]
+    return np.asarray(out)
