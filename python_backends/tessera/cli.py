@@ -81,6 +81,14 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_reference(a: argparse.Namespace) -> int:
+    from .quality.train import train_reference
+
+    report = train_reference(a.out, a.work, minutes=a.minutes, seed=a.seed, stages=tuple(a.stages.split(",")))
+    print(f"[tessera] train-reference: {report}")
+    return 0
+
+
 def _single_thread() -> None:
     import torch
 
@@ -135,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--slo-ms", type=int, default=None)
     g.add_argument("--out", default="image.png")
     g.set_defaults(fn=_cmd_generate)
+    t = sub.add_parser("train-reference", help="train the quality reference models (resumable, time-bounded)")
+    t.add_argument("out", help="where the heavy/light pipelines and evaluator.pt are written")
+    t.add_argument("--work", default=".tessera_cache/train", help="checkpoints to resume from")
+    t.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget shared by the stages")
+    t.add_argument("--stages", default="evaluator,vae,heavy,light")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(fn=_cmd_train_reference)
     return p
 
 
