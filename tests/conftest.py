@@ -33,15 +33,18 @@ def tiny_pipelines(work_dir) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def repo(work_dir, tiny_pipelines) -> Path:
-    """One repository serving both pipelines: `txt2img` (UNet) and `dit_txt2img` (SD3-style DiT), plus
-    `txt2img_local`, the UNet entry running its ONNX components in-process."""
-    from tessera_export.repository import clone_entry, export_pipeline
+    """One repository serving both pipelines: `txt2img` -> `engine` (UNet, BLS, ORT, per-resolution
+    batching) and `dit_txt2img` -> `dit_engine` (SD3-style DiT), plus `txt2img_local` -> `engine_local`
+    (in-process ORT components) and `txt2img_patches` -> `engine_patches` (torch, exact patches)."""
+    from tessera_export.repository import add_engine, export_pipeline
 
     path = work_dir / "repo"
     quiet = lambda *_: None  # noqa: E731
     export_pipeline(tiny_pipelines["unet"], path, progress=quiet)
     export_pipeline(tiny_pipelines["dit"], path, prefix="dit_", progress=quiet)
-    clone_entry(path, "txt2img", "txt2img_local", executor="local")
+    add_engine(path, "engine", "engine_local", entry="txt2img_local", executor="local")
+    add_engine(path, "engine", "engine_patches", entry="txt2img_patches", denoiser_runtime="torch",
+               denoise_mode="patches")
     return path
 
 

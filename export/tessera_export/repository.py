@@ -8,12 +8,14 @@ a clear message where TensorRT or a GPU is missing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
 import shutil
+import tempfile
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,16 +23,17 @@ import numpy as np
 from tessera.errors import ExportError, RuntimeUnavailableError
 from tessera.inputs import Limits
 from tessera.spec import PipelineSpec
-from tessera.wire import ENTRY_INPUTS, ENTRY_MAX_BATCH, ENTRY_MODEL, OUTPUT_IMAGE
+from tessera.config import EngineConfig
+from tessera.wire import ENGINE_MODEL, ENTRY_INPUTS, ENTRY_MAX_BATCH, ENTRY_MODEL, OUTPUT_IMAGE, STREAM_INPUTS
 
 from .onnx_export import OPSET, ComponentExport, export_component, plan_components
 from .tiny import load_pipeline
 
 TARGETS = ("cpu", "gpu")
-EXECUTORS = ("bls", "local")
 COMPONENT_MAX_BATCH = 16
 SHIM_COMPONENT = "from tessera.triton.ort_model import TritonPythonModel  # noqa: F401\n"
 SHIM_ENTRY = "from tessera.triton.txt2img_model import TritonPythonModel  # noqa: F401\n"
+SHIM_ENGINE = "from tessera.triton.engine_model import TritonPythonModel  # noqa: F401\n"
 _NP_TO_TRITON = {np.float32: "TYPE_FP32", np.int64: "TYPE_INT64", np.int32: "TYPE_INT32"}
 
 
@@ -107,20 +110,76 @@ def _component_config(name: str, comp: ComponentExport, out_dims: dict[str, list
     return head + body + tail
 
 
-def _entry_config(name: str, executor: str, instances: int) -> str:
-    ins = [
-        (s.name, f"TYPE_{s.triton_type}", [1], s.optional, False)
-        for s in ENTRY_INPUTS
-    ]
+def _parameters(params: dict) -> str:
+    return "".join(f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n' for k, v in params.items())
+
+
+def _engine_config(name: str, config: EngineConfig) -> str:
+    """The decoupled engine: the entry inputs plus optional streaming flags; image, step, preview out."""
+    ins = [(s.name, f"TYPE_{s.triton_type}", [1], s.optional, False) for s in ENTRY_INPUTS]
+    ins += [(n, "TYPE_BOOL", [1], True, False) for n in STREAM_INPUTS]
+    outs = [(OUTPUT_IMAGE, "TYPE_UINT8", [-1, -1, 3], False, False), ("step", "TYPE_INT32", [1], False, False),
+            ("preview", "TYPE_UINT8", [-1, -1, 3], False, False)]
+    return (
+        f'name: "{name}"\nbackend: "python"\nmax_batch_size: {ENTRY_MAX_BATCH}\n'
+        + "model_transaction_policy { decoupled: true }\n"
+        + _io_block("input", ins) + _io_block("output", outs)
+        + "instance_group [ { count: 1 kind: KIND_CPU } ]\n"
+        + _parameters({f.name: getattr(config, f.name) for f in fields(config)})
+    )
+
+
+def _entry_config(name: str, engine: str, max_in_flight: int) -> str:
+    """The non-decoupled facade for plain clients: same inputs, one image out."""
+    ins = [(s.name, f"TYPE_{s.triton_type}", [1], s.optional, False) for s in ENTRY_INPUTS]
     outs = [(OUTPUT_IMAGE, "TYPE_UINT8", [-1, -1, 3], False, False)]
     return (
         f'name: "{name}"\nbackend: "python"\nmax_batch_size: {ENTRY_MAX_BATCH}\n'
-        + _io_block("input", ins)
-        + _io_block("output", outs)
-        + f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]\n"
-        + f'parameters: {{ key: "executor" value: {{ string_value: "{executor}" }} }}\n'
-        + 'parameters: { key: "intra_op_threads" value: { string_value: "1" } }\n'
+        + _io_block("input", ins) + _io_block("output", outs)
+        + "instance_group [ { count: 1 kind: KIND_CPU } ]\n"
+        + _parameters({"engine": engine, "max_in_flight": max_in_flight})
     )
+
+
+def write_engine(repo: Path, name: str, spec_json: str, tokenizer_src: Path | None, config: EngineConfig,
+                 entry: str | None = None) -> None:
+    """Write engine model `name` (and, if `entry` is given, a txt2img facade forwarding to it)."""
+    vdir = repo / name / "1"
+    if tokenizer_src is not None:
+        src = Path(tempfile.mkdtemp(prefix="tessera-engine-"))
+        shutil.copytree(tokenizer_src, src / "1")
+        tokenizer_src = src / "1"
+    shutil.rmtree(repo / name, ignore_errors=True)
+    if tokenizer_src is not None:
+        shutil.copytree(tokenizer_src, vdir)
+        shutil.rmtree(tokenizer_src.parent, ignore_errors=True)
+        for stale in ("model.py", "manifest.json"):
+            (vdir / stale).unlink(missing_ok=True)
+    vdir.mkdir(parents=True, exist_ok=True)
+    (vdir / "manifest.json").write_text(spec_json)
+    (vdir / "model.py").write_text(SHIM_ENGINE)
+    (repo / name / "config.pbtxt").write_text(_engine_config(name, config))
+    if entry is not None:
+        shutil.rmtree(repo / entry, ignore_errors=True)
+        (repo / entry / "1").mkdir(parents=True)
+        (repo / entry / "1" / "model.py").write_text(SHIM_ENTRY)
+        (repo / entry / "config.pbtxt").write_text(_entry_config(entry, name, config.max_in_flight))
+
+
+def add_engine(repo: str | Path, src: str, name: str, entry: str | None = None, **overrides) -> EngineConfig:
+    """Add engine `name` over the same components as engine `src`, with config overrides (another
+    policy, executor or denoise mode), and optionally its txt2img facade `entry`."""
+    repo = Path(repo)
+    spec_json = (repo / src / "1" / "manifest.json").read_text()
+    base = _read_engine_config(repo / src / "config.pbtxt")
+    config = EngineConfig(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
+    write_engine(repo, name, spec_json, repo / src / "1", config, entry)
+    return config
+
+
+def _read_engine_config(path: Path) -> dict:
+    params = dict(re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', path.read_text()))
+    return dataclasses.asdict(EngineConfig.from_parameters(params))
 
 
 def _output_dims(comp: ComponentExport, path: Path) -> dict[str, list[int]]:
@@ -173,18 +232,17 @@ def export_pipeline(
     target: str = "cpu",
     prefix: str = "",
     executor: str = "bls",
-    entry_instances: int = 1,
+    engine_config: EngineConfig | None = None,
     limits: Limits | None = None,
     tolerance: float = 1e-3,
     progress=print,
 ) -> PipelineSpec:
-    """Export every component and write the repository; returns the entry model's PipelineSpec."""
+    """Export every component and write the repository; returns the engine's PipelineSpec."""
     if target not in TARGETS:
         raise ExportError(f"target: unknown target; allowed {', '.join(TARGETS)}, got {target!r}")
-    if executor not in EXECUTORS:
-        raise ExportError(f"executor: unknown executor; allowed {', '.join(EXECUTORS)}, got {executor!r}")
+    engine_config = engine_config or EngineConfig(executor=executor)
     if target == "gpu":
-        if executor == "local":
+        if engine_config.executor == "local":
             raise ExportError("executor: 'local' runs ONNX Runtime in-process; allowed with --target gpu: bls")
         check_tensorrt()
     import torch
@@ -227,6 +285,8 @@ def export_pipeline(
             (vdir / "model.py").write_text(SHIM_COMPONENT)
         (repo / name / "config.pbtxt").write_text(_component_config(name, comp, out_dims, trt))
         module = getattr(comp.module, "model", None) or getattr(comp.module, "vae", None)
+        if comp.name == "denoiser":  # the diffusers module too: the engine's torch runtime (exact patches)
+            module.save_pretrained(vdir / "torch")
         (vdir / "manifest.json").write_text(
             json.dumps(
                 {
@@ -244,9 +304,9 @@ def export_pipeline(
             )
         )
     entry = prefix + ENTRY_MODEL
-    edir = repo / entry / "1"
-    shutil.rmtree(repo / entry, ignore_errors=True)
-    edir.mkdir(parents=True)
+    engine = prefix + ENGINE_MODEL
+    staging = tempfile.TemporaryDirectory(prefix="tessera-tokenizers-")
+    edir = Path(staging.name)
     encoders = [c.name for c in comps if c.name.startswith("text_encoder")]
     tokenizer_dirs = []
     for enc in encoders:
@@ -269,34 +329,15 @@ def export_pipeline(
         joint_attention_dim=int(pipe.transformer.config.joint_attention_dim) if family == "sd3" else 0,
         t5_tokens=256 if family == "sd3" else 0,
         patch_size=patch,
+        denoiser_multiple=den_factor,
+        torch_denoiser=f"{names['denoiser']}/1/torch",
         limits=limits,
         source={"pipeline_dir": str(pipeline_dir.resolve()), "class": type(pipe).__name__, "target": target},
     )
-    (edir / "manifest.json").write_text(spec.to_json())
-    (edir / "model.py").write_text(SHIM_ENTRY)
-    (repo / entry / "config.pbtxt").write_text(_entry_config(entry, executor, entry_instances))
+    write_engine(repo, engine, spec.to_json(), edir, engine_config, entry)
+    staging.cleanup()
     progress(
-        f"[tessera] export: wrote {entry} + {len(comps)} components ({family}, sizes "
+        f"[tessera] export: wrote {entry} -> {engine} + {len(comps)} components ({family}, sizes "
         f"{limits.min_size}..{limits.max_size} step {limits.size_multiple}) to {repo} in {time.monotonic() - t0:.1f}s"
     )
     return spec
-
-
-def clone_entry(repo: str | Path, src: str, dst: str, executor: str | None = None, instances: int | None = None) -> Path:
-    """Add entry model `dst` over the same components as `src` (another executor or instance count)."""
-    if executor is not None and executor not in EXECUTORS:
-        raise ExportError(f"executor: unknown executor; allowed {', '.join(EXECUTORS)}, got {executor!r}")
-    repo = Path(repo)
-    shutil.rmtree(repo / dst, ignore_errors=True)
-    shutil.copytree(repo / src, repo / dst)
-    config = (repo / dst / "config.pbtxt").read_text().replace(f'name: "{src}"', f'name: "{dst}"', 1)
-    if executor is not None:
-        config = re.sub(
-            r'key: "executor" value: \{ string_value: "\w+" \}',
-            f'key: "executor" value: {{ string_value: "{executor}" }}',
-            config,
-        )
-    if instances is not None:
-        config = re.sub(r"instance_group \[ \{ count: \d+", f"instance_group [ {{ count: {instances}", config)
-    (repo / dst / "config.pbtxt").write_text(config)
-    return repo / dst

@@ -27,10 +27,17 @@ def _cmd_export(a: argparse.Namespace) -> int:
     from .inputs import Limits
 
     _single_thread()
+    from .config import EngineConfig
+
     limits = Limits(min_size=a.min_size, max_size=a.max_size, max_steps=a.max_steps)
+    config = EngineConfig(
+        policy=a.policy, max_batch=a.max_batch, max_in_flight=a.max_in_flight, executor=a.executor,
+        denoiser_runtime=a.denoiser_runtime, denoise_mode=a.denoise_mode, patch_size=a.patch_size,
+        tile_size=a.tile_size, tile_overlap=a.tile_overlap,
+    )
     export_pipeline(
         a.pipeline_dir, a.repo, target=a.target, prefix=a.prefix, executor=a.executor,
-        entry_instances=a.instances, limits=limits, tolerance=a.tolerance,
+        engine_config=config, limits=limits, tolerance=a.tolerance,
     )
     return 0
 
@@ -111,8 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target", choices=["cpu", "gpu"], default="cpu")
     e.add_argument("--prefix", default="", help="prefix for every model name (several pipelines in one repo)")
     e.add_argument("--executor", choices=["bls", "local"], default="bls",
-                   help="entry model calls components over BLS, or runs their ONNX files in-process")
-    e.add_argument("--instances", type=int, default=1, help="entry model instances")
+                   help="engine calls components over BLS, or runs their ONNX files in-process")
+    e.add_argument("--policy", default="step-fcfs", help="request scheduling policy")
+    e.add_argument("--denoiser-runtime", choices=["ort", "torch"], default="ort")
+    e.add_argument("--denoise-mode", choices=["concat", "patches", "tiled"], default="concat",
+                   help="per-step batching: per resolution, exact patches (torch), or fixed tiles")
+    e.add_argument("--patch-size", type=int, default=0, help="latent cells; 0 = GCD of the step's sizes")
+    e.add_argument("--tile-size", type=int, default=16)
+    e.add_argument("--tile-overlap", type=int, default=4)
+    e.add_argument("--max-batch", type=int, default=16, help="requests per engine step")
+    e.add_argument("--max-in-flight", type=int, default=256, help="admission bound")
     e.add_argument("--min-size", type=int, default=64)
     e.add_argument("--max-size", type=int, default=512)
     e.add_argument("--max-steps", type=int, default=200)

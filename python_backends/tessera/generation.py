@@ -138,3 +138,11 @@ class Txt2Img:
         while not run.done:
             self.step(run)
         return self.finish(run)
+
+    def preview(self, run: RequestRun) -> np.ndarray:
+        """A cheap preview of the current latent: its first three channels, min-max scaled, uint8
+        [h, w, 3] at latent resolution (no VAE call)."""
+        lat = run.latents[0, :3].numpy()
+        lo, hi = float(lat.min()), float(lat.max())
+        img = (lat - lo) / (hi - lo + 1e-8)
+        return (img.transpose(1, 2, 0) * 255).round().astype(np.uint8)

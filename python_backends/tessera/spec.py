@@ -11,7 +11,7 @@ from .errors import ConfigError
 from .inputs import Limits
 
 FAMILIES = ("sd", "sd3")
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +29,8 @@ class PipelineSpec:
     joint_attention_dim: int = 0  # sd3: width the CLIP embeddings are padded to
     t5_tokens: int = 0  # sd3 without T5: number of zero tokens appended (diffusers' max_sequence_length)
     patch_size: int = 1  # sd3 denoiser patch size
+    denoiser_multiple: int = 1  # latent cells a patch edge must divide by (UNet downsampling / DiT patch)
+    torch_denoiser: str = ""  # repo-relative directory of the diffusers denoiser (torch runtime)
     limits: Limits = field(default_factory=Limits)
     source: dict = field(default_factory=dict)  # provenance: pipeline dir, class, config hashes
 

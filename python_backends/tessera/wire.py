@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 ENTRY_MODEL = "txt2img"
+ENGINE_MODEL = "engine"
 TEXT_ENCODER = "text_encoder"
 TEXT_ENCODER_2 = "text_encoder_2"
 DENOISER = "denoiser"
@@ -35,6 +36,7 @@ ENTRY_INPUTS: tuple[InputSpec, ...] = (
     InputSpec("slo_ms", np.int32, "INT32", optional=True),
 )
 ENTRY_INPUT_NAMES = tuple(s.name for s in ENTRY_INPUTS)
+STREAM_INPUTS = ("progress", "preview")  # engine only, optional BOOL [batch, 1]
 ENTRY_MAX_BATCH = 4
 
 

@@ -132,6 +132,13 @@ def test_metrics_count_requests_and_steps(server):
     import urllib.request
 
     text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-    assert 'tessera_requests_total{model="txt2img",outcome="invalid"}' in text
-    ok = [ln for ln in text.splitlines() if ln.startswith('tessera_requests_total{model="txt2img",outcome="ok"}')]
-    assert ok and float(ok[0].split()[-1]) >= 1
+
+    def value(prefix: str) -> float:
+        rows = [ln for ln in text.splitlines() if ln.startswith(prefix)]
+        assert rows, prefix
+        return float(rows[0].split()[-1])
+
+    assert value('tessera_requests_total{model="engine",outcome="completed"}') >= 1
+    calls = value('tessera_denoiser_calls_total{model="engine"}')
+    assert calls >= 1 and value('tessera_denoiser_rows_total{model="engine"}') >= calls
+    assert value('tessera_steps_total{model="engine"}') >= value('tessera_engine_steps_total{model="engine"}')

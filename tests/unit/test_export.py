@@ -27,15 +27,18 @@ def test_export_fails_above_tolerance(tiny_pipelines, tmp_path):
 
 
 def test_export_writes_repository_and_manifests(repo):
-    for name in ("txt2img", "text_encoder", "denoiser", "vae_decoder", "dit_txt2img", "dit_text_encoder_2"):
+    for name in ("txt2img", "engine", "text_encoder", "denoiser", "vae_decoder", "dit_txt2img", "dit_engine",
+                 "dit_text_encoder_2"):
         assert (repo / name / "config.pbtxt").is_file(), name
-    spec = PipelineSpec.load(repo / "txt2img" / "1" / "manifest.json")
+    spec = PipelineSpec.load(repo / "engine" / "1" / "manifest.json")
     assert spec.family == "sd" and spec.vae_scale_factor == 8 and spec.limits.size_multiple == 16
-    dit = PipelineSpec.load(repo / "dit_txt2img" / "1" / "manifest.json")
+    dit = PipelineSpec.load(repo / "dit_engine" / "1" / "manifest.json")
     assert dit.family == "sd3" and dit.text_encoders == ("dit_text_encoder", "dit_text_encoder_2")
     comp = json.loads((repo / "denoiser" / "1" / "manifest.json").read_text())
     assert comp["max_abs_diff_vs_torch"] <= 1e-3 and comp["source_class"] == "UNet2DConditionModel"
-    assert 'string_value: "local"' in (repo / "txt2img_local" / "config.pbtxt").read_text()
+    assert 'string_value: "local"' in (repo / "engine_local" / "config.pbtxt").read_text()
+    assert 'string_value: "engine_local"' in (repo / "txt2img_local" / "config.pbtxt").read_text()
+    assert (repo / "denoiser" / "1" / "torch" / "config.json").is_file()
 
 
 @pytest.mark.parametrize("kind, prefix", [("unet", ""), ("dit", "dit_")])
@@ -48,8 +51,8 @@ def test_generation_in_process_equals_diffusers(repo, diffusers_pipes, kind, pre
     from tessera.generation import Txt2Img
     from tessera.request import GenerationParams
 
-    spec = PipelineSpec.load(repo / f"{prefix}txt2img" / "1" / "manifest.json")
-    toks = [CLIPTokenizer.from_pretrained(repo / f"{prefix}txt2img" / "1" / d) for d in spec.tokenizers]
+    spec = PipelineSpec.load(repo / f"{prefix}engine" / "1" / "manifest.json")
+    toks = [CLIPTokenizer.from_pretrained(repo / f"{prefix}engine" / "1" / d) for d in spec.tokenizers]
     runner = Txt2Img(spec, LocalComponents(spec, repo), toks)
     p = GenerationParams(PROMPT, "blurry", 128, 192, 6, 4.0, 11)
     ours = runner.generate(p)

@@ -1,108 +1,86 @@
-"""The entry model `txt2img`: validate, tokenize, run the pipeline, answer with a uint8 image.
+"""The entry model `txt2img`: one request in, one response out, for plain HTTP and gRPC clients.
 
-Non-decoupled, so plain HTTP clients get one response. Bad input is answered with INVALID_ARG naming
-the field; any other failure with INTERNAL; the model never raises from execute.
+It validates each request (the same parse_request as the engine: bad input is answered here with
+INVALID_ARG), forwards it unchanged to the decoupled `engine` model over BLS and relays the engine's
+final response through the request's response sender. `execute` returns at once, so many requests are
+in flight together. BLS in 2.51 does not carry a decoupled response's error code, so engine errors
+are mapped back to their codes by their stable message prefixes (common.code_for_engine_error).
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ..errors import ConfigError
-from ..generation import Txt2Img
+from pathlib import Path
+
 from ..inputs import parse_request
 from ..spec import PipelineSpec
 from ..wire import ENTRY_INPUT_NAMES, OUTPUT_IMAGE
-from .common import error_response, input_or_none, int_param, parameters, setup_logging
+from .common import code_for_engine_error, error_response, input_or_none, int_param, parameters, setup_logging
 
 log = logging.getLogger("tessera.triton.txt2img")
-EXECUTORS = ("bls", "local")
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         setup_logging()
-        import torch
+        params = parameters(args)
+        self.name = args["model_name"]
+        self.engine = params.get("engine", "engine")
+        engine_dir = Path(args["model_repository"]).parent / self.engine / "1"
+        spec = PipelineSpec.load(engine_dir / "manifest.json")
         from transformers import CLIPTokenizer
 
-        params = parameters(args)
-        threads = int_param(params, "intra_op_threads", 1)
-        torch.set_num_threads(threads)
-        version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.name = args["model_name"]
-        self.spec = PipelineSpec.load(version_dir / "manifest.json")
-        executor = params.get("executor", "bls")
-        if executor == "bls":
-            from .bls import BlsComponents
-
-            components = BlsComponents(self.spec)
-        elif executor == "local":
-            from ..executors.ort import LocalComponents
-
-            components = LocalComponents(self.spec, Path(args["model_repository"]).parent, threads)
-        else:
-            raise ConfigError(f"{self.name}: executor: unknown executor; allowed {', '.join(EXECUTORS)}, got {executor!r}")
-        tokenizers = [CLIPTokenizer.from_pretrained(version_dir / d) for d in self.spec.tokenizers]
-        self.runner = Txt2Img(self.spec, components, tokenizers)
-        self._metrics()
-        lim = self.spec.limits
-        log.info(
-            "[tessera] loaded %s: family=%s executor=%s sizes %d..%d step %d, steps 1..%d",
-            self.name, self.spec.family, executor, lim.min_size, lim.max_size, lim.size_multiple, lim.max_steps,
-        )
-
-    def _metrics(self) -> None:
-        labels = {"model": self.name}
-        self.m_requests = pb_utils.MetricFamily(
-            name="tessera_requests_total",
-            description="Entry requests by outcome (ok, invalid, error)",
-            kind=pb_utils.MetricFamily.COUNTER,
-        )
-        self.m_slo = pb_utils.MetricFamily(
-            name="tessera_slo_total",
-            description="Images with a client slo_ms, by whether they finished within it (met, missed)",
-            kind=pb_utils.MetricFamily.COUNTER,
-        )
-        # Families must outlive their metrics: keep every family on self.
-        self.m_steps_family = pb_utils.MetricFamily(
-            name="tessera_steps_executed_total",
-            description="Denoising steps executed",
-            kind=pb_utils.MetricFamily.COUNTER,
-        )
-        self.m_steps = self.m_steps_family.Metric(labels=labels)
-        self.c_requests = {k: self.m_requests.Metric(labels={**labels, "outcome": k}) for k in ("ok", "invalid", "error")}
-        self.c_slo = {k: self.m_slo.Metric(labels={**labels, "outcome": k}) for k in ("met", "missed")}
+        self.limits = spec.limits
+        self.tokenizers = [CLIPTokenizer.from_pretrained(engine_dir / d) for d in spec.tokenizers]
+        workers = int_param(params, "max_in_flight", 256)
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tessera-forward")
+        log.info("[tessera] loaded %s: forwards to %s (up to %d in flight)", self.name, self.engine, workers)
 
     def execute(self, requests):
-        responses = []
         for request in requests:
-            arrival_s = time.monotonic()
+            sender = request.get_response_sender()
             try:
                 tensors = {n: input_or_none(request, n) for n in ENTRY_INPUT_NAMES}
-                items = parse_request(tensors, self.spec.limits, self.runner.count_tokens)
-            except Exception as e:  # noqa: BLE001 - answered per request, never raised
-                self.c_requests["invalid"].increment(1)
-                responses.append(error_response(e))
+                parse_request(tensors, self.limits, self._count_tokens)
+            except Exception as e:  # noqa: BLE001 - answered per request
+                sender.send(error_response(e), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
-            try:
-                images = np.stack([self.runner.generate(p) for p in items])
-                self.m_steps.increment(sum(p.num_steps for p in items))
-                elapsed_ms = (time.monotonic() - arrival_s) * 1e3
-                for p in items:
-                    if p.slo_ms is not None:
-                        self.c_slo["met" if elapsed_ms <= p.slo_ms else "missed"].increment(1)
-                self.c_requests["ok"].increment(1)
-                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(OUTPUT_IMAGE, images)]))
-            except Exception as e:  # noqa: BLE001
-                log.exception("[tessera] %s: request failed", self.name)
-                self.c_requests["error"].increment(1)
-                responses.append(error_response(e))
-        return responses
+            # Copy the inputs now: the request object is not used after execute returns.
+            inputs = [pb_utils.Tensor(t.name(), np.array(t.as_numpy(), copy=True)) for t in request.inputs()]
+            self.pool.submit(self._forward, inputs, sender)
+        return None
+
+    def _forward(self, inputs, sender) -> None:
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        try:
+            bls = pb_utils.InferenceRequest(
+                model_name=self.engine, inputs=inputs, requested_output_names=[OUTPUT_IMAGE, "step"]
+            )
+            answer = None
+            for response in bls.exec(decoupled=True):
+                if response.has_error():
+                    message = response.error().message()
+                    answer = pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code_for_engine_error(message)))
+                    break
+                image = pb_utils.get_output_tensor_by_name(response, OUTPUT_IMAGE)
+                if image is not None:
+                    answer = pb_utils.InferenceResponse([image])
+            if answer is None:
+                answer = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"{self.engine}: finished without an image", pb_utils.TritonError.INTERNAL)
+                )
+        except Exception as e:  # noqa: BLE001 - every request gets its one response
+            log.exception("[tessera] %s: forwarding failed", self.name)
+            answer = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INTERNAL))
+        sender.send(answer, flags=final)
+
+    def _count_tokens(self, text: str) -> int:
+        return max(len(tok(text).input_ids) for tok in self.tokenizers)
 
     def finalize(self) -> None:
-        log.info("[tessera] %s: shutting down", self.name)
+        self.pool.shutdown(wait=True, cancel_futures=False)

@@ -1,0 +1,186 @@
+"""Denoiser executors for the step engine: run one step for many requests at once.
+
+Each item is one request's denoiser inputs (`Txt2Img.denoiser_inputs`): `sample` [n, C, h, w] (n = 2 with
+classifier-free guidance), `timestep` [n], `encoder_hidden_states` [n, S, D] and, for SD3,
+`pooled_projections` [n, P]. `run(items)` returns one noise prediction per item and the call stats.
+
+  ConcatDenoiser  step-level batching without patches: one call per latent resolution
+  PatchDenoiser   exact patches (torch): ONE call for all patches of all resolutions (patches.py)
+  TiledDenoiser   fixed-shape tiles with overlap, blended back (ORT/TensorRT): approximate, measured
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+Inputs = dict[str, np.ndarray]
+DenoiseCall = Callable[[Inputs], np.ndarray]
+MODES = ("concat", "patches", "tiled")
+
+
+@dataclass(frozen=True, slots=True)
+class CallStats:
+    """One entry per denoiser call made for a step."""
+
+    batch: tuple[int, ...]  # rows per call (patches, tiles or whole latents)
+    resolutions: tuple[int, ...]  # distinct latent resolutions per call
+    requests: tuple[int, ...]  # requests per call
+
+    @property
+    def calls(self) -> int:
+        return len(self.batch)
+
+
+def _concat(items: list[Inputs]) -> Inputs:
+    return {k: np.concatenate([it[k] for it in items]) for k in items[0]}
+
+
+def _split(out: np.ndarray, items: list[Inputs]) -> list[np.ndarray]:
+    res, start = [], 0
+    for it in items:
+        n = it["sample"].shape[0]
+        res.append(out[start : start + n])
+        start += n
+    return res
+
+
+class ConcatDenoiser:
+    """Requests at the same latent size share one call; each distinct size is its own call."""
+
+    mode = "concat"
+
+    def __init__(self, call: DenoiseCall):
+        self.call = call
+
+    def run(self, items: list[Inputs]) -> tuple[list[np.ndarray], CallStats]:
+        groups: dict[tuple, list[int]] = {}
+        for i, it in enumerate(items):
+            key = it["sample"].shape[1:] + it["encoder_hidden_states"].shape[1:]
+            groups.setdefault(key, []).append(i)
+        outs: list[np.ndarray | None] = [None] * len(items)
+        batch, reqs = [], []
+        for idxs in groups.values():
+            group = [items[i] for i in idxs]
+            merged = _concat(group)
+            for i, o in zip(idxs, _split(self.call(merged), group), strict=True):
+                outs[i] = o
+            batch.append(merged["sample"].shape[0])
+            reqs.append(len(idxs))
+        return outs, CallStats(tuple(batch), (1,) * len(batch), tuple(reqs))  # type: ignore[return-value]
+
+
+def torch_call(model, family: str) -> DenoiseCall:
+    """A numpy-in, numpy-out call of a diffusers denoiser (UNet2DConditionModel or SD3Transformer2DModel)."""
+    import torch
+
+    def call(inputs: Inputs) -> np.ndarray:
+        t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
+        with torch.no_grad():
+            return torch_forward(model, family, t).numpy()
+
+    return call
+
+
+def torch_forward(model, family: str, t: dict):
+    if family == "sd":
+        return model(t["sample"], t["timestep"], encoder_hidden_states=t["encoder_hidden_states"], return_dict=False)[0]
+    return model(
+        hidden_states=t["sample"], timestep=t["timestep"], encoder_hidden_states=t["encoder_hidden_states"],
+        pooled_projections=t["pooled_projections"], return_dict=False,
+    )[0]
+
+
+class PatchDenoiser:
+    """All patches of all requests (CFG halves included) in one exact call (PatchedServe §3)."""
+
+    mode = "patches"
+
+    def __init__(self, model, family: str, multiple: int, patch_size: int = 0):
+        self.model, self.family, self.multiple, self.patch_size = model, family, multiple, patch_size
+
+    def run(self, items: list[Inputs]) -> tuple[list[np.ndarray], CallStats]:
+        import torch
+
+        from ..patches import PatchIndex, exact_patch_mode, patch_edge
+
+        per_image = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in _concat(items).items()}
+        images = list(per_image["sample"])
+        sizes = [tuple(img.shape[-2:]) for img in images]
+        index = PatchIndex.build(sizes, patch_edge(sizes, self.multiple, self.patch_size))
+        inputs = {k: index.per_patch(v) for k, v in per_image.items() if k != "sample"}
+        inputs["sample"] = index.cut(images)
+        with torch.no_grad(), exact_patch_mode(self.model, index):
+            out = torch_forward(self.model, self.family, inputs)
+        stitched = index.stitch(out)
+        outs, start = [], 0
+        for it in items:  # the images of one item (its CFG halves) share a size
+            n = it["sample"].shape[0]
+            outs.append(torch.stack(stitched[start : start + n]).numpy())
+            start += n
+        stats = CallStats((index.n_patches,), (len(index.groups),), (len(items),))
+        return outs, stats
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Tile origins covering [0, size) with tiles of `tile` cells overlapping by >= `overlap`."""
+    if size <= tile:
+        return [0]
+    stride = max(tile - overlap, 1)
+    n = math.ceil((size - tile) / stride) + 1
+    return sorted({min(i * stride, size - tile) for i in range(n)})
+
+
+class TiledDenoiser:
+    """Fixed-shape tiles (one static engine shape for every resolution), averaged where they overlap
+    (MultiDiffusion-style). Approximate: attention and GroupNorm see one tile, not the image."""
+
+    mode = "tiled"
+
+    def __init__(self, call: DenoiseCall, tile: int, overlap: int):
+        if not 0 <= overlap < tile:
+            raise ValueError(f"tile_overlap: must be in [0, tile_size); allowed [0, {tile}), got {overlap}")
+        self.call, self.tile, self.overlap = call, tile, overlap
+
+    def run(self, items: list[Inputs]) -> tuple[list[np.ndarray], CallStats]:
+        T = self.tile
+        rows: list[Inputs] = []
+        places = []  # (item, row-in-item, y, x)
+        small = []  # items smaller than a tile: run whole, in their own call
+        for i, it in enumerate(items):
+            _, _, h, w = it["sample"].shape
+            if h < T or w < T:
+                small.append(i)
+                continue
+            for y in tile_starts(h, T, self.overlap):
+                for x in tile_starts(w, T, self.overlap):
+                    tile_in = dict(it)
+                    tile_in["sample"] = it["sample"][:, :, y : y + T, x : x + T]
+                    rows.append(tile_in)
+                    places.append((i, y, x))
+        outs = [np.zeros_like(it["sample"]) for it in items]
+        weights = [np.zeros((1, 1) + it["sample"].shape[2:], np.float32) for it in items]
+        batch, reqs, res = [], [], []
+        if rows:
+            merged = _concat(rows)
+            for (i, y, x), o in zip(places, _split(self.call(merged), rows), strict=True):
+                outs[i][:, :, y : y + T, x : x + T] += o
+                weights[i][:, :, y : y + T, x : x + T] += 1.0
+            batch.append(merged["sample"].shape[0])
+            reqs.append(len({p[0] for p in places}))
+            res.append(len({items[p[0]]["sample"].shape[2:] for p in places}))
+        for i in range(len(items)):
+            if i not in small:
+                outs[i] = outs[i] / weights[i]
+        if small:
+            group = [items[i] for i in small]
+            sub, stats = ConcatDenoiser(self.call).run(group)
+            for i, o in zip(small, sub, strict=True):
+                outs[i] = o
+            batch += list(stats.batch)
+            reqs += list(stats.requests)
+            res += list(stats.resolutions)
+        return outs, CallStats(tuple(batch), tuple(res), tuple(reqs))

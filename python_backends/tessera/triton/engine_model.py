@@ -1,0 +1,219 @@
+"""The `engine` model: decoupled Python backend hosting the step-level Engine and its loop thread.
+
+`execute` validates each request, submits it and returns None; the loop answers through each request's
+response sender: optional per-step progress (`step`, and `preview` when asked) and exactly one FINAL
+response (the image, or an error). gRPC streaming clients call it directly; `txt2img` forwards plain
+(HTTP or non-streaming) clients to it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from ..config import EngineConfig
+from ..engine import Engine, FinishReason, RequestOutput, RequestState
+from ..errors import InvalidInputError
+from ..executors.factory import make_denoiser
+from ..generation import Txt2Img
+from ..inputs import parse_request
+from ..loop import EngineLoop, OverloadedError, ShutdownError
+from ..scheduler import make_policy
+from ..spec import PipelineSpec
+from ..wire import ENTRY_INPUT_NAMES, OUTPUT_IMAGE, STREAM_INPUTS
+from .common import input_or_none, parameters, setup_logging
+
+log = logging.getLogger("tessera.triton.engine")
+
+
+def triton_error(exc: BaseException | None, reason: FinishReason | None) -> pb_utils.TritonError:
+    if reason == FinishReason.CANCELLED:
+        return pb_utils.TritonError("request cancelled", pb_utils.TritonError.CANCELLED)
+    if isinstance(exc, InvalidInputError):
+        return pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+    if isinstance(exc, OverloadedError | ShutdownError):
+        return pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE)
+    return pb_utils.TritonError(f"{type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
+
+
+@dataclass
+class Ticket:
+    """One Triton request: `size` engine requests (its batch items) answered together."""
+
+    request: object
+    sender: object
+    size: int
+    progress: bool
+    slo_ms: list[int | None]
+    images: dict[int, np.ndarray] = field(default_factory=dict)
+    failed: bool = False  # its one FINAL response (an error) is already sent
+    finals: int = 0  # items that have left the engine
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        setup_logging()
+        import torch
+        from transformers import CLIPTokenizer
+
+        self.name = args["model_name"]
+        self.config = EngineConfig.from_parameters(parameters(args))
+        torch.set_num_threads(self.config.intra_op_threads)
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        repo = Path(args["model_repository"]).parent
+        self.spec = PipelineSpec.load(version_dir / "manifest.json")
+        if self.config.executor == "bls":
+            from .bls import BlsComponents
+
+            components = BlsComponents(self.spec)
+        else:
+            from ..executors.ort import LocalComponents
+
+            components = LocalComponents(self.spec, repo, self.config.intra_op_threads)
+        tokenizers = [CLIPTokenizer.from_pretrained(version_dir / d) for d in self.spec.tokenizers]
+        self.pipeline = Txt2Img(self.spec, components, tokenizers)
+        denoiser = make_denoiser(self.config, self.spec, repo, components)
+        policy = make_policy(self.config.policy, max_batch=self.config.max_batch)
+        self.engine = Engine(self.pipeline, denoiser, policy)
+        self.tickets: dict[str, Ticket] = {}
+        self.lock = threading.Lock()
+        self.ids = itertools.count()
+        self._metrics()
+        self.loop = EngineLoop(self.engine, self._sink, self._is_cancelled,
+                               max_in_flight=self.config.max_in_flight).start()
+        log.info("[tessera] loaded %s: family=%s %s", self.name, self.spec.family, self.config)
+
+    # -- metrics ------------------------------------------------------------------------------------
+    def _metrics(self) -> None:
+        labels = {"model": self.name}
+        self.families = {}
+
+        def counter(name: str, desc: str, **extra):
+            fam = self.families.get(name) or pb_utils.MetricFamily(name=name, description=desc,
+                                                                    kind=pb_utils.MetricFamily.COUNTER)
+            self.families[name] = fam  # families must outlive their metrics
+            return fam.Metric(labels={**labels, **extra})
+
+        self.m_calls = counter("tessera_denoiser_calls_total", "Denoiser calls")
+        self.m_rows = counter("tessera_denoiser_rows_total", "Rows (latents, patches or tiles) over all denoiser calls")
+        self.m_res = counter("tessera_denoiser_resolutions_total", "Distinct latent resolutions, summed over calls")
+        self.m_reqs = counter("tessera_denoiser_requests_total", "Requests, summed over denoiser calls")
+        self.m_steps = counter("tessera_steps_total", "Request-steps run (one request advancing one step)")
+        self.m_engine_steps = counter("tessera_engine_steps_total", "Engine steps")
+        self.m_mixed = counter("tessera_mixed_step_calls_total",
+                               "Engine steps whose requests were at different step indices (continuous batching)")
+        self.m_outcome = {
+            k: counter("tessera_requests_total", "Engine requests by outcome", outcome=k)
+            for k in ("completed", "cancelled", "error", "invalid", "rejected")
+        }
+        self.m_slo = {k: counter("tessera_slo_total", "Images with slo_ms by outcome", outcome=k)
+                      for k in ("met", "missed")}
+        self._seen_records = 0
+
+    def _record_metrics(self) -> None:
+        for r in [r for r in self.engine.records if r.step_no >= self._seen_records]:
+            self.m_engine_steps.increment(1)
+            self.m_calls.increment(r.denoiser_calls)
+            self.m_rows.increment(sum(r.batch_per_call))
+            self.m_res.increment(sum(r.resolutions_per_call))
+            self.m_reqs.increment(sum(r.requests_per_call))
+            self.m_steps.increment(len(r.request_ids))
+            if len(set(r.step_indices)) > 1:
+                self.m_mixed.increment(1)
+        self._seen_records = self.engine.step_no
+
+    # -- requests -----------------------------------------------------------------------------------
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                tensors = {n: input_or_none(request, n) for n in ENTRY_INPUT_NAMES}
+                items = parse_request(tensors, self.spec.limits, self.pipeline.count_tokens)
+                flags = {n: input_or_none(request, n) for n in STREAM_INPUTS}
+                progress = bool(flags["progress"] is not None and flags["progress"].any())
+                preview = bool(flags["preview"] is not None and flags["preview"].any())
+            except Exception as e:  # noqa: BLE001 - answered per request
+                self.m_outcome["invalid"].increment(1)
+                sender.send(pb_utils.InferenceResponse(error=triton_error(e, None)),
+                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
+            base = f"r{next(self.ids)}"
+            now = time.monotonic()
+            with self.lock:
+                self.tickets[base] = Ticket(request, sender, len(items), progress and len(items) == 1,
+                                            [p.slo_ms for p in items])
+            submitted = 0
+            try:
+                for k, params in enumerate(items):
+                    self.loop.submit(RequestState(f"{base}/{k}", params, now, progress, preview))
+                    submitted += 1
+            except (OverloadedError, ShutdownError) as e:
+                # Answered once, now; items already submitted are cancelled and only counted.
+                self.m_outcome["rejected"].increment(1)
+                with self.lock:
+                    ticket = self.tickets[base]
+                    ticket.failed, ticket.size = True, submitted
+                    if submitted == 0:
+                        self.tickets.pop(base)
+                for k in range(submitted):
+                    self.loop.cancel(f"{base}/{k}")
+                sender.send(pb_utils.InferenceResponse(error=triton_error(e, None)),
+                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+
+    def _is_cancelled(self, request_id: str) -> bool:
+        ticket = self.tickets.get(request_id.split("/")[0])
+        try:
+            return ticket is not None and not ticket.failed and ticket.request.is_cancelled()
+        except Exception:  # noqa: BLE001
+            return False
+
+    def _sink(self, out: RequestOutput) -> None:
+        self._record_metrics()
+        base, k = out.request_id.split("/")
+        with self.lock:
+            ticket = self.tickets.get(base)
+        if ticket is None:
+            return
+        if not out.final:
+            if ticket.progress and not ticket.failed:
+                tensors = [pb_utils.Tensor("step", np.array([[out.step_index]], np.int32))]
+                if out.image is not None:
+                    tensors.append(pb_utils.Tensor("preview", out.image[None]))
+                ticket.sender.send(pb_utils.InferenceResponse(tensors))
+            return
+        self.m_outcome[out.finish_reason.value if out.finish_reason else "error"].increment(1)
+        ticket.finals += 1
+        if not ticket.failed and out.finish_reason != FinishReason.COMPLETED:
+            ticket.failed = True
+            ticket.sender.send(pb_utils.InferenceResponse(error=triton_error(out.error, out.finish_reason)),
+                               flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            for other in range(ticket.size):  # the rest of this request's items are not needed
+                if other != int(k) and other not in ticket.images:
+                    self.loop.cancel(f"{base}/{other}")
+        elif not ticket.failed:
+            ticket.images[int(k)] = out.image
+            slo = ticket.slo_ms[int(k)]
+            if slo is not None and out.done_s is not None and out.arrival_s is not None:
+                self.m_slo["met" if (out.done_s - out.arrival_s) * 1e3 <= slo else "missed"].increment(1)
+            if len(ticket.images) == ticket.size:
+                images = np.stack([ticket.images[i] for i in range(ticket.size)])
+                steps = np.full((ticket.size, 1), out.step_index, np.int32)
+                ticket.sender.send(
+                    pb_utils.InferenceResponse([pb_utils.Tensor(OUTPUT_IMAGE, images), pb_utils.Tensor("step", steps)]),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+                )
+        if ticket.finals >= ticket.size:
+            with self.lock:
+                self.tickets.pop(base, None)
+
+    def finalize(self) -> None:
+        log.info("[tessera] %s: shutting down (%d in flight)", self.name, self.loop.pending)
+        self.loop.stop()
