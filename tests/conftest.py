@@ -45,6 +45,7 @@ def repo(work_dir, tiny_pipelines) -> Path:
     add_engine(path, "engine", "engine_local", entry="txt2img_local", executor="local")
     add_engine(path, "engine", "engine_patches", entry="txt2img_patches", denoiser_runtime="torch",
                denoise_mode="patches")
+    add_engine(path, "engine", "engine_wide", max_batch=128)  # room for 100+ requests in one step
     return path
 
 

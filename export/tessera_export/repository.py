@@ -331,6 +331,7 @@ def export_pipeline(
         patch_size=patch,
         denoiser_multiple=den_factor,
         torch_denoiser=f"{names['denoiser']}/1/torch",
+        component_max_batch=COMPONENT_MAX_BATCH,
         limits=limits,
         source={"pipeline_dir": str(pipeline_dir.resolve()), "class": type(pipe).__name__, "target": target},
     )

@@ -55,12 +55,15 @@ class Txt2Img:
         self.spec = spec
         self.components = components
         self.tokenizers = tokenizers
+        # Fast tokenizers keep padding/truncation state on the shared Rust object: counting (execute
+        # thread) and encoding (engine thread) must not share one instance.
+        self._count_tokenizers = [copy.deepcopy(t) for t in tokenizers]
         self._sampler_proto = make_sampler(spec.sampler_config)
 
     # -- text ---------------------------------------------------------------------------------------------
     def count_tokens(self, text: str) -> int:
         """Tokens including start/end (the same count diffusers would truncate at model_max_length)."""
-        return max(len(tok(text).input_ids) for tok in self.tokenizers)
+        return max(len(tok(text).input_ids) for tok in self._count_tokenizers)
 
     def _token_ids(self, tokenizer, texts: list[str]) -> np.ndarray:
         ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids

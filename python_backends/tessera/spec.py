@@ -30,6 +30,7 @@ class PipelineSpec:
     t5_tokens: int = 0  # sd3 without T5: number of zero tokens appended (diffusers' max_sequence_length)
     patch_size: int = 1  # sd3 denoiser patch size
     denoiser_multiple: int = 1  # latent cells a patch edge must divide by (UNet downsampling / DiT patch)
+    component_max_batch: int = 16  # the component models' max_batch_size: BLS calls are chunked to it
     torch_denoiser: str = ""  # repo-relative directory of the diffusers denoiser (torch runtime)
     limits: Limits = field(default_factory=Limits)
     source: dict = field(default_factory=dict)  # provenance: pipeline dir, class, config hashes

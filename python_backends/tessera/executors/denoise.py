@@ -107,11 +107,13 @@ class PatchDenoiser:
 
         from ..patches import PatchIndex, exact_patch_mode, patch_edge
 
-        per_image = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in _concat(items).items()}
-        images = list(per_image["sample"])
+        images = [torch.from_numpy(np.ascontiguousarray(row)) for it in items for row in it["sample"]]
+        per_image = {
+            k: torch.from_numpy(np.concatenate([it[k] for it in items])) for k in items[0] if k != "sample"
+        }
         sizes = [tuple(img.shape[-2:]) for img in images]
         index = PatchIndex.build(sizes, patch_edge(sizes, self.multiple, self.patch_size))
-        inputs = {k: index.per_patch(v) for k, v in per_image.items() if k != "sample"}
+        inputs = {k: index.per_patch(v) for k, v in per_image.items()}
         inputs["sample"] = index.cut(images)
         with torch.no_grad(), exact_patch_mode(self.model, index):
             out = torch_forward(self.model, self.family, inputs)

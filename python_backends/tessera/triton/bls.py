@@ -16,6 +16,16 @@ class BlsComponents:
         self.spec = spec
 
     def _call(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """One BLS call per chunk of at most `component_max_batch` rows (the model's max_batch_size)."""
+        n = next(iter(inputs.values())).shape[0]
+        step = self.spec.component_max_batch
+        if n <= step:
+            return self._call_once(model, inputs, outputs)
+        parts = [self._call_once(model, {k: v[i : i + step] for k, v in inputs.items()}, outputs)
+                 for i in range(0, n, step)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in outputs}
+
+    def _call_once(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         request = pb_utils.InferenceRequest(
             model_name=model,
             requested_output_names=list(outputs),

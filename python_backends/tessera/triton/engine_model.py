@@ -115,6 +115,10 @@ class TritonPythonModel:
         }
         self.m_slo = {k: counter("tessera_slo_total", "Images with slo_ms by outcome", outcome=k)
                       for k in ("met", "missed")}
+        self.families["tessera_in_flight_requests"] = pb_utils.MetricFamily(
+            name="tessera_in_flight_requests", description="Requests accepted and not yet answered",
+            kind=pb_utils.MetricFamily.GAUGE)
+        self.m_in_flight = self.families["tessera_in_flight_requests"].Metric(labels=labels)
         self._seen_records = 0
 
     def _record_metrics(self) -> None:
@@ -150,6 +154,7 @@ class TritonPythonModel:
                 self.tickets[base] = Ticket(request, sender, len(items), progress and len(items) == 1,
                                             [p.slo_ms for p in items])
             submitted = 0
+            self.m_in_flight.set(self.loop.pending + len(items))
             try:
                 for k, params in enumerate(items):
                     self.loop.submit(RequestState(f"{base}/{k}", params, now, progress, preview))
@@ -190,6 +195,7 @@ class TritonPythonModel:
                 ticket.sender.send(pb_utils.InferenceResponse(tensors))
             return
         self.m_outcome[out.finish_reason.value if out.finish_reason else "error"].increment(1)
+        self.m_in_flight.set(self.loop.pending)
         ticket.finals += 1
         if not ticket.failed and out.finish_reason != FinishReason.COMPLETED:
             ticket.failed = True

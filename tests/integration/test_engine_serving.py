@@ -1,0 +1,160 @@
+"""The step engine through the real server: streaming progress, continuous batching across requests,
+cancellation of many streamed requests, exact patch batching, all over tritonclient gRPC."""
+
+from __future__ import annotations
+
+import queue
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from conftest import PROMPT
+from tessera.client import infer_image, infer_inputs, make_client, request_arrays
+
+pytestmark = pytest.mark.integration
+
+
+def metric(server, name: str, model: str, **labels) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    want = name + "{" + ",".join([f'model="{model}"'] + [f'{k}="{v}"' for k, v in labels.items()]) + "}"
+    for line in text.splitlines():
+        if line.startswith(want):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def wait_for(pred, timeout_s: float = 120.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Stream:
+    """One gRPC stream; responses land in a queue tagged with the request id."""
+
+    def __init__(self, server):
+        self.client = make_client("grpc", server.grpc_url)
+        self.q: queue.Queue = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: self.q.put((result, error)))
+
+    def send(self, model: str, arrays: dict, request_id: str, progress=False, preview=False) -> None:
+        arrays = dict(arrays)
+        if progress:
+            arrays["progress"] = np.array([[True]])
+        if preview:
+            arrays["preview"] = np.array([[True]])
+        self.client.async_stream_infer(model, infer_inputs("grpc", arrays, declared_types=False),
+                                       request_id=request_id, enable_empty_final_response=True)
+
+    def get(self, timeout_s: float = 120.0):
+        return self.q.get(timeout=timeout_s)
+
+    def close(self, cancel: bool = False) -> None:
+        self.client.stop_stream(cancel_requests=cancel)
+        self.client.close()
+
+
+def is_final(result) -> bool:
+    return result.get_response().parameters["triton_final_response"].bool_param
+
+
+def test_stream_progress_then_one_final_image(server):
+    s = Stream(server)
+    s.send("engine", request_arrays(PROMPT, 64, 128, steps=5, seed=3), "p1", progress=True, preview=True)
+    steps, image, finals = [], None, 0
+    while True:
+        result, error = s.get()
+        assert error is None, error
+        out = result.as_numpy("step")
+        if out is not None:
+            steps.append(int(out[0, 0]))
+        if result.as_numpy("preview") is not None:
+            assert result.as_numpy("preview").shape == (1, 8, 16, 3)
+        if result.as_numpy("image") is not None:
+            image = result.as_numpy("image")
+        if is_final(result):
+            finals += 1
+            break
+    s.close()
+    assert steps == [1, 2, 3, 4, 5] and finals == 1
+    assert image.shape == (1, 64, 128, 3)
+    plain = infer_image(make_client("http", server.http_url), "http", request_arrays(PROMPT, 64, 128, steps=5, seed=3))
+    assert np.array_equal(plain, image), "streaming does not change the image"
+
+
+def test_continuous_batching_request_joins_mid_way(server):
+    before = metric(server, "tessera_mixed_step_calls_total", "engine")
+    s = Stream(server)
+    s.send("engine", request_arrays(PROMPT, 128, 128, steps=30, seed=1), "long", progress=True)
+    while True:  # wait until the long request is mid-way
+        result, error = s.get()
+        assert error is None
+        if result.as_numpy("step") is not None and int(result.as_numpy("step")[0, 0]) >= 3:
+            break
+    short = infer_image(make_client("grpc", server.grpc_url), "grpc", request_arrays(PROMPT, 64, 64, steps=4, seed=2))
+    assert short.shape == (1, 64, 64, 3)
+    while not is_final(s.get()[0]):
+        pass
+    s.close()
+    after = metric(server, "tessera_mixed_step_calls_total", "engine")
+    assert after - before >= 4, "the short request shared its 4 steps with the long one at other step indices"
+
+
+def test_cancel_100_streamed_requests_mid_denoise(server):
+    model = "engine_wide"
+    keep_arrays = [request_arrays(PROMPT, 64, 64, steps=30, seed=11), request_arrays(PROMPT, 64, 128, steps=30, seed=12)]
+    reference = [infer_image(make_client("grpc", server.grpc_url), "grpc", a, model="txt2img") for a in keep_arrays]
+    cancelled_before = metric(server, "tessera_requests_total", model, outcome="cancelled")
+    keeper = Stream(server)
+    for i, a in enumerate(keep_arrays):
+        keeper.send(model, a, f"keep{i}")
+    doomed = Stream(server)
+    for i in range(100):
+        doomed.send(model, request_arrays(PROMPT, 64, 64, steps=40, guidance_scale=1.0, seed=100 + i), f"c{i}",
+                    progress=True)
+    started = set()
+    while len(started) < 100:  # every doomed request has taken at least one step
+        result, error = doomed.get()
+        assert error is None, error.message()
+        started.add(result.get_response().id)
+    doomed.close(cancel=True)
+    wait_for(lambda: metric(server, "tessera_requests_total", model, outcome="cancelled") - cancelled_before >= 100,
+             what="100 cancellations")
+    images = {}
+    while len(images) < 2:
+        result, error = keeper.get()
+        assert error is None, error
+        if result.as_numpy("image") is not None:
+            images[result.get_response().id] = result.as_numpy("image")
+    keeper.close()
+    wait_for(lambda: metric(server, "tessera_in_flight_requests", model) == 0, what="no engine state left")
+    assert metric(server, "tessera_requests_total", model, outcome="cancelled") - cancelled_before == 100
+    for i in range(2):
+        assert np.abs(images[f"keep{i}"].astype(int) - reference[i].astype(int)).max() <= 1
+
+
+def test_exact_patches_engine_serves_mixed_resolutions_like_concat(server):
+    c = make_client("grpc", server.grpc_url)
+    calls_before = metric(server, "tessera_denoiser_calls_total", "engine_patches")
+    sizes = [(64, 64), (64, 128), (128, 64)]
+    s = Stream(server)
+    for i, (h, w) in enumerate(sizes):
+        s.send("engine_patches", request_arrays(PROMPT, h, w, steps=6, seed=i), f"x{i}")
+    patched = {}
+    while len(patched) < 3:
+        result, error = s.get()
+        assert error is None, error
+        if result.as_numpy("image") is not None:
+            patched[result.get_response().id] = result.as_numpy("image")
+    s.close()
+    for i, (h, w) in enumerate(sizes):
+        ref = infer_image(c, "grpc", request_arrays(PROMPT, h, w, steps=6, seed=i), model="txt2img")
+        assert np.abs(patched[f"x{i}"].astype(int) - ref.astype(int)).max() <= 2
+    res = metric(server, "tessera_denoiser_resolutions_total", "engine_patches")
+    calls = metric(server, "tessera_denoiser_calls_total", "engine_patches") - calls_before
+    assert calls <= 6 + 2 and res > calls, "mixed resolutions shared denoiser calls"
