@@ -1,9 +1,10 @@
 """Serving overhead: a lone request end-to-end through tritonserver vs the same exported components in
 an in-process diffusers pipeline, interleaved, same process order every round.
 
-Variants: `served_bls` (txt2img calls the component models over BLS, the default repository),
-`served_local` (txt2img runs the same ONNX files in its own stub), `in_process` (diffusers'
-StableDiffusionPipeline with its modules' forward passes on the exported ONNX files; the baseline).
+Variants: `served_bls` (txt2img -> engine, which calls the component models over BLS: the default
+repository), `served_local` (txt2img -> engine_local, which runs the same ONNX files in its own stub),
+`in_process` (diffusers' StableDiffusionPipeline with its modules' forward passes on the exported ONNX
+files; the baseline).
 Writes perf/results/overhead.json and overhead.png. Run: python -m perf.overhead
 """
 
@@ -34,14 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     from tessera.client import infer_image, make_client, request_arrays
     from tessera.server import TritonServer
     from tessera_export.ort_diffusers import ort_backed_pipeline
-    from tessera_export.repository import clone_entry, export_pipeline
+    from tessera_export.repository import add_engine, export_pipeline
     from tessera_export.tiny import build_tiny
 
     work = Path(tempfile.mkdtemp(prefix="tessera-overhead-"))
     pipeline = build_tiny(work / "tiny-sd", kind="unet")
     repo = work / "repo"
     export_pipeline(pipeline, repo)
-    clone_entry(repo, "txt2img", "txt2img_local", executor="local")
+    add_engine(repo, "engine", "engine_local", entry="txt2img_local", executor="local")
     pipe = ort_backed_pipeline(pipeline, repo)
     prompt = "a red circle at top left"
 
