@@ -140,11 +140,12 @@ def build_tiny(out_dir: str | Path, kind: str = "unet", seed: int = 0, progress=
 
 
 def load_pipeline(pipeline_dir: str | Path):
-    """Load any local diffusers pipeline offline; components saved as null (SD3 without T5) stay None."""
+    """Load any local diffusers pipeline offline, in fp32 (weights saved in fp16 are upcast);
+    components saved as null (SD3 without T5) stay None."""
     import json
 
     from diffusers import DiffusionPipeline
 
     index = json.loads((Path(pipeline_dir) / "model_index.json").read_text())
     absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
-    return DiffusionPipeline.from_pretrained(pipeline_dir, local_files_only=True, **absent)
+    return DiffusionPipeline.from_pretrained(pipeline_dir, local_files_only=True, torch_dtype=torch.float32, **absent)

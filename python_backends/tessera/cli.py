@@ -96,6 +96,13 @@ def _cmd_train_reference(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quality(a: argparse.Namespace) -> int:
+    from .quality.harness import run_quality
+
+    run_quality(a.models, name=a.name, out_dir=a.out, inception=not a.no_inception)
+    return 0
+
+
 def _single_thread() -> None:
     import torch
 
@@ -165,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stages", default="evaluator,vae,heavy,light")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(fn=_cmd_train_reference)
+
+    q = sub.add_parser("quality", help="quality metrics of served settings vs the heavy full-step reference")
+    q.add_argument("--models", default="quality_models", help="heavy/, light/, evaluator.pt")
+    q.add_argument("--name", default="baseline")
+    q.add_argument("--out", default="perf/results")
+    q.add_argument("--no-inception", action="store_true", help="skip Inception FID/KID (slowest features)")
+    q.set_defaults(fn=_cmd_quality)
     return p
 
 

@@ -1,0 +1,214 @@
+"""`tessera quality`: generate a prompt list x seeds through the SERVED pipeline (real tritonserver,
+Tessera's engine and the settings under test) and through the in-process reference, then write every
+metric next to its two floors (real-vs-real, seed-A-vs-seed-B) to perf/results/quality-<name>.json.
+
+Settings are (label, pipeline, steps, engine overrides). The reference for paired metrics is the heavy
+pipeline's full-step output from the same prompt and seed, served the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .shapes import all_labels, batch
+
+SEEDS_A = tuple(range(6))  # 48 prompts x 6 seeds = 288 images per setting
+SEEDS_B = tuple(range(1000, 1006))  # the seed floor: same prompts, other seeds
+FULL_STEPS = 50
+GUIDANCE = 4.0
+
+
+@dataclass(frozen=True)
+class Setting:
+    label: str
+    pipeline: str  # "heavy" or "light"
+    steps: int
+    engine: dict = field(default_factory=dict)  # engine config overrides (denoise_mode, ...)
+    seeds: tuple[int, ...] = SEEDS_A
+
+
+BASELINE = (
+    Setting("heavy-50", "heavy", 50),
+    Setting("heavy-50-seedB", "heavy", 50, seeds=SEEDS_B),
+    Setting("heavy-20", "heavy", 20),
+    Setting("heavy-10", "heavy", 10),
+    Setting("heavy-4", "heavy", 4),
+    Setting("heavy-2", "heavy", 2),
+    Setting("light-50", "light", 50),
+    Setting("light-10", "light", 10),
+)
+
+
+def jobs_for(seeds, size):
+    labels = all_labels()
+    return [(lb, seed, size) for seed in seeds for lb in labels]
+
+
+def serve_reference(models_dir: Path, work: Path, settings, log_path: Path | None = None):
+    """Export heavy/light into one repository with an engine per distinct engine setting."""
+    from tessera_export.repository import add_engine, export_pipeline
+
+    repo = work / "repo"
+    for kind in sorted({s.pipeline for s in settings}):
+        export_pipeline(models_dir / kind, repo, prefix=f"{kind}_", executor="local", progress=lambda *_: None)
+    engines = {}
+    for s in settings:
+        key = (s.pipeline, json.dumps(s.engine, sort_keys=True))
+        if key in engines:
+            continue
+        if not s.engine:
+            engines[key] = f"{s.pipeline}_txt2img"
+        else:
+            name = f"{s.pipeline}_engine_{len(engines)}"
+            add_engine(repo, f"{s.pipeline}_engine", name, entry=f"{s.pipeline}_txt2img_{len(engines)}", **s.engine)
+            engines[key] = f"{s.pipeline}_txt2img_{len(engines) - 1}"
+    return repo, engines
+
+
+def generate_served(server, model: str, jobs, steps: int, concurrency: int = 8, progress=None) -> np.ndarray:
+    from tessera.client import infer_image, make_client, request_arrays
+
+    out: list[np.ndarray | None] = [None] * len(jobs)
+    lock = threading.Lock()
+    todo = list(range(len(jobs)))
+
+    def worker():
+        client = make_client("grpc", server.grpc_url)
+        while True:
+            with lock:
+                if not todo:
+                    break
+                i = todo.pop(0)
+            lb, seed, (h, w) = jobs[i]
+            img = infer_image(client, "grpc", request_arrays(lb.caption, h, w, steps, GUIDANCE, seed), model=model)
+            out[i] = img[0]
+            if progress:
+                progress()
+        client.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return np.stack(out)
+
+
+def generate_in_process(pipeline_dir: Path, jobs, steps: int) -> np.ndarray:
+    """The in-process diffusers reference (torch weights), same prompts and seeds."""
+    import torch
+
+    from tessera_export.tiny import load_pipeline
+
+    pipe = load_pipeline(pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    imgs = []
+    for lb, seed, (h, w) in jobs:
+        im = pipe(lb.caption, height=h, width=w, num_inference_steps=steps, guidance_scale=GUIDANCE,
+                  generator=torch.Generator().manual_seed(seed), output_type="pil").images[0]
+        imgs.append(np.asarray(im))
+    return np.stack(imgs)
+
+
+class Bar:
+    def __init__(self, label: str, total: int):
+        self.label, self.total, self.done, self.t0 = label, total, 0, time.monotonic()
+        self.lock = threading.Lock()
+
+    def __call__(self):
+        with self.lock:
+            self.done += 1
+            if self.done % max(1, self.total // 10) and self.done < self.total:
+                return
+            w = 30
+            k = int(w * self.done / self.total)
+            print(f"\r[tessera] quality {self.label:16s} [{'#' * k}{'-' * (w - k)}] {self.done}/{self.total} "
+                  f"{time.monotonic() - self.t0:5.0f}s", end="" if self.done < self.total else "\n", flush=True)
+
+
+def run_quality(models_dir: str | Path, name: str = "baseline", settings=BASELINE, size=(64, 64),
+                out_dir: str | Path = "perf/results", inception: bool = True, inprocess_check: int = 48) -> dict:
+    import torch
+
+    from ..results import write_result
+
+    from ..server import TritonServer
+    from .features import efficientnet_features, evaluator_features, inception_features, load_evaluator
+    from .metrics import adherence, frechet_distance, kid, paired
+
+    torch.set_num_threads(1)
+    models_dir = Path(models_dir)
+    work = Path(tempfile.mkdtemp(prefix="tessera-quality-"))
+    repo, entries = serve_reference(models_dir, work, settings)
+    images: dict[str, np.ndarray] = {}
+    timings: dict[str, float] = {}
+    with TritonServer(repo, log_path=work / "server.log") as server:
+        for s in settings:
+            jobs = jobs_for(s.seeds, size)
+            t0 = time.monotonic()
+            model = entries[(s.pipeline, json.dumps(s.engine, sort_keys=True))]
+            images[s.label] = generate_served(server, model, jobs, s.steps, progress=Bar(s.label, len(jobs)))
+            timings[s.label] = time.monotonic() - t0
+    ref_label = settings[0].label
+    check_jobs = jobs_for(SEEDS_A, size)[:inprocess_check]
+    in_proc = generate_in_process(models_dir / settings[0].pipeline, check_jobs, settings[0].steps)
+    served_vs_inproc = paired(images[ref_label][: len(check_jobs)], in_proc)
+
+    labels = np.stack([lb.as_array() for lb, _, _ in jobs_for(SEEDS_A, size)])
+    rng = np.random.default_rng(12345)
+    real_a, real_labels, _ = batch(len(labels), *size, rng, [lb for lb, _, _ in jobs_for(SEEDS_A, size)])
+    real_b, _, _ = batch(len(labels), *size, rng, [lb for lb, _, _ in jobs_for(SEEDS_A, size)])
+    real_a = (real_a * 255).round().astype(np.uint8)
+    real_b = (real_b * 255).round().astype(np.uint8)
+
+    evaluator = load_evaluator(models_dir / "evaluator.pt")
+    spaces = {"evaluator": lambda x: evaluator_features(evaluator, x)[0], "efficientnet": efficientnet_features}
+    if inception:
+        spaces["inception"] = inception_features
+    feats = {sp: {k: fn(v) for k, v in {**images, "real_a": real_a, "real_b": real_b}.items()} for sp, fn in spaces.items()}
+    preds = {k: evaluator_features(evaluator, v)[1] for k, v in {**images, "real_a": real_a}.items()}
+
+    def distribution(label: str) -> dict:
+        out = {}
+        for sp in spaces:
+            out[f"fd_{sp}"] = frechet_distance(feats[sp][label], feats[sp]["real_a"])
+        if inception:
+            out["kid_inception"] = kid(feats["inception"][label], feats["inception"]["real_a"])
+        return out
+
+    results = {}
+    for s in settings:
+        row = {"pipeline": s.pipeline, "steps": s.steps, "engine": s.engine, "n": len(images[s.label]),
+               "seeds": list(s.seeds), "generation_s": timings[s.label]}
+        row["adherence"] = adherence(preds[s.label], labels)
+        row["distribution_vs_real"] = distribution(s.label)
+        if s.seeds == settings[0].seeds:
+            row["paired_vs_reference"] = paired(
+                images[s.label], images[ref_label], feats["efficientnet"][s.label], feats["efficientnet"][ref_label],
+                preds[s.label], preds[ref_label],
+            )
+        results[s.label] = row
+    seed_floor = paired(images["heavy-50-seedB"], images[ref_label], feats["efficientnet"]["heavy-50-seedB"],
+                        feats["efficientnet"][ref_label], preds["heavy-50-seedB"], preds[ref_label]) \
+        if "heavy-50-seedB" in images else None
+    floors = {
+        "real_vs_real": {f"fd_{sp}": frechet_distance(feats[sp]["real_b"], feats[sp]["real_a"]) for sp in spaces}
+        | ({"kid_inception": kid(feats["inception"]["real_b"], feats["inception"]["real_a"])} if inception else {})
+        | {"adherence_real": adherence(preds["real_a"], labels)},
+        "seed_a_vs_seed_b": {"paired": seed_floor,
+                             "distribution_vs_real": results.get("heavy-50-seedB", {}).get("distribution_vs_real")},
+    }
+    config = {"models_dir": str(models_dir), "size": list(size), "guidance": GUIDANCE, "prompts": 48,
+              "seeds_a": list(SEEDS_A), "seeds_b": list(SEEDS_B), "reference": ref_label,
+              "served_via": "tritonserver gRPC, txt2img -> engine (executor local)", "inception": inception}
+    doc = {"settings": results, "floors": floors, "served_vs_in_process": served_vs_inproc}
+    path = write_result(f"quality-{name}", config, doc, Path(out_dir))
+    print(f"[tessera] quality: wrote {path}")
+    return doc
