@@ -33,6 +33,16 @@ class EngineConfig:
     """Tile overlap in latent cells for denoise_mode=tiled."""
     intra_op_threads: int = 1
     """torch / ORT threads (1: two threads on 2 shared cores gave 100x outliers)."""
+    slo_scale: float = 5.0
+    """Deadline of a request without slo_ms: slo_scale x its profiled isolated latency."""
+    on_hopeless: str = "drop"
+    """slack/rounds: a request that cannot meet its deadline even alone is dropped, or degraded to fewer steps."""
+    min_steps: int = 4
+    """Degrade never goes below this many steps (or the steps asked, if fewer)."""
+    round_steps: int = 5
+    """rounds: re-plan every this many engine steps."""
+    profile_sizes: str = ""
+    """Start-up profile sizes, 'HxW,HxW'; empty = min, 2x and 4x the minimum size, plus one non-square."""
 
     def __post_init__(self) -> None:
         for name, allowed in (("executor", EXECUTORS), ("denoiser_runtime", RUNTIMES), ("denoise_mode", MODES)):
@@ -45,9 +55,23 @@ class EngineConfig:
             )
         if not 0 <= self.tile_overlap < self.tile_size:
             raise ConfigError(f"tile_overlap: allowed [0, tile_size={self.tile_size}), got {self.tile_overlap}")
-        for name in ("max_batch", "max_in_flight", "intra_op_threads", "tile_size"):
+        if self.on_hopeless not in ("drop", "degrade"):
+            raise ConfigError(f"on_hopeless: unknown value; allowed drop, degrade, got {self.on_hopeless!r}")
+        if not self.slo_scale > 0:
+            raise ConfigError(f"slo_scale: allowed > 0, got {self.slo_scale}")
+        for name in ("max_batch", "max_in_flight", "intra_op_threads", "tile_size", "min_steps", "round_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: allowed >= 1, got {getattr(self, name)}")
+
+    def sizes(self) -> list[tuple[int, int]]:
+        out = []
+        for item in filter(None, self.profile_sizes.split(",")):
+            try:
+                h, w = (int(v) for v in item.lower().split("x"))
+            except ValueError as e:
+                raise ConfigError(f"profile_sizes: allowed 'HxW,HxW', got {self.profile_sizes!r}") from e
+            out.append((h, w))
+        return out
 
     @classmethod
     def from_parameters(cls, params: dict[str, str]) -> EngineConfig:
@@ -56,11 +80,12 @@ class EngineConfig:
         for key, raw in params.items():
             if key not in known:
                 raise ConfigError(f"{key}: unknown engine parameter; allowed {', '.join(known)}")
-            if known[key].type == "int":
+            kind = known[key].type
+            if kind in ("int", "float"):
                 try:
-                    kw[key] = int(raw)
+                    kw[key] = int(raw) if kind == "int" else float(raw)
                 except ValueError as e:
-                    raise ConfigError(f"{key}: not an integer; allowed an integer, got {raw!r}") from e
+                    raise ConfigError(f"{key}: not a number; allowed a {kind}, got {raw!r}") from e
             else:
                 kw[key] = raw
         return cls(**kw)

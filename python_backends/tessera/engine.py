@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
+import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .errors import TesseraError
 from .generation import RequestRun, Txt2Img
 from .request import GenerationParams
 
@@ -28,9 +31,14 @@ log = logging.getLogger(__name__)
 
 class FinishReason(str, enum.Enum):
     COMPLETED = "completed"
+    DEGRADED = "degraded"  # completed with fewer steps than asked, to meet its deadline
     CANCELLED = "cancelled"
     ERROR = "error"
-    DROPPED = "dropped"
+    DROPPED = "dropped"  # its deadline could not be met
+
+
+class DeadlineUnreachableError(TesseraError, RuntimeError):
+    """The request cannot meet its deadline even if run alone now (answered UNAVAILABLE)."""
 
 
 @dataclass(slots=True)
@@ -43,6 +51,10 @@ class RequestState:
     progress: bool = False  # send a progress event after every step
     preview: bool = False  # include a cheap preview image in progress events
     run: RequestRun | None = None  # set when the request joins
+    deadline_s: float = math.inf  # absolute, same clock as arrival_s
+    isolated_s: float = 0.0  # predicted latency of this request alone (k x isolated is the default SLO)
+    asked_steps: int | None = None  # set when degraded: the steps the client asked for
+    slack_at_join: float | None = None  # (deadline - join - predicted remaining) / isolated
     joined_s: float | None = None
     step_s: list[float] = field(default_factory=list)  # end time of each step
     done_s: float | None = None
@@ -71,12 +83,17 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     arrival_s: float | None = None
     done_s: float | None = None
+    deadline_s: float | None = None
+    slack_at_join: float | None = None
+    size: tuple[int, int] | None = None  # (height, width) in pixels
 
 
 @dataclass(frozen=True, slots=True)
 class StepPlan:
     join: tuple[str, ...]  # waiting requests that start now
     advance: tuple[str, ...]  # requests that take a step now (joining ones included)
+    drop: tuple[tuple[str, str], ...] = ()  # (request id, reason): answered at once, never run
+    degrade: tuple[tuple[str, int], ...] = ()  # (waiting request id, fewer steps) applied before joining
 
     @classmethod
     def make_empty(cls) -> StepPlan:
@@ -94,6 +111,8 @@ class StepRecord:
     batch_per_call: tuple[int, ...]  # denoiser rows per call (latents, patches or tiles)
     resolutions_per_call: tuple[int, ...]
     requests_per_call: tuple[int, ...]
+    predicted_s: float | None = None  # the predictor's step latency, made before the step
+    measured_s: float | None = None  # denoiser call(s) + sampler updates, as measured
 
     @property
     def denoiser_calls(self) -> int:
@@ -106,13 +125,20 @@ class EngineView:
 
     waiting: tuple[RequestState, ...]
     running: tuple[RequestState, ...]
+    step_no: int = 0
+    last_advance: frozenset = frozenset()  # ids advanced by the previous step
 
 
 class Engine:
-    def __init__(self, pipeline: Txt2Img, denoiser, policy, history: int = 10_000):
+    def __init__(self, pipeline: Txt2Img, denoiser, policy, history: int = 10_000, cost=None,
+                 slo_scale: float = 5.0, clock=time.monotonic):
         self.pipeline = pipeline
         self.denoiser = denoiser
         self.policy = policy
+        self.cost = cost  # scheduler.CostModel: predicted step/join/finish times (None: no deadlines)
+        self.slo_scale = slo_scale
+        self.clock = clock
+        self.last_advance: frozenset = frozenset()
         self.waiting: dict[str, RequestState] = {}
         self.running: dict[str, RequestState] = {}
         self.records: deque[StepRecord] = deque(maxlen=history)
@@ -120,8 +146,15 @@ class Engine:
 
     # -- membership ---------------------------------------------------------------------------------
     def add(self, state: RequestState) -> None:
+        """Queue a request; its deadline is its slo_ms, else slo_scale x its predicted isolated latency."""
         if state.request_id in self.waiting or state.request_id in self.running:
             raise ValueError(f"request_id: already in flight, got {state.request_id!r}")
+        if self.cost is not None:
+            state.isolated_s = self.cost.isolated_s(state)
+        if state.params.slo_ms is not None:
+            state.deadline_s = state.arrival_s + state.params.slo_ms / 1e3
+        elif self.cost is not None:
+            state.deadline_s = state.arrival_s + self.slo_scale * state.isolated_s
         self.waiting[state.request_id] = state
 
     def abort(self, request_id: str, now_s: float, reason: FinishReason = FinishReason.CANCELLED,
@@ -141,16 +174,29 @@ class Engine:
         return bool(self.waiting or self.running)
 
     def view(self) -> EngineView:
-        return EngineView(tuple(self.waiting.values()), tuple(self.running.values()))
+        return EngineView(tuple(self.waiting.values()), tuple(self.running.values()), self.step_no,
+                          self.last_advance)
 
     # -- the step ------------------------------------------------------------------------------------
     def step(self, now_s: float, clock=None) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
-        # (1) plan
+        # (1) plan; drops are answered at once, degrades shorten waiting requests before they join
         plan = self.policy.schedule(self.view(), now_s)
+        for rid, reason in plan.drop:
+            out = self.abort(rid, now_s, FinishReason.DROPPED, DeadlineUnreachableError(reason))
+            if out is not None:
+                log.warning("[tessera] dropped %s: %s", rid, reason)
+                outputs.append(out)
+        for rid, steps in plan.degrade:
+            state = self.waiting.get(rid)
+            if state is not None and steps < state.params.num_steps:
+                state.asked_steps = state.asked_steps or state.params.num_steps
+                state.params = replace(state.params, num_steps=steps)
         # (2) join: encode prompts, draw seeded noise
         for rid in plan.join:
             state = self.waiting.pop(rid)
+            if self.cost is not None and state.isolated_s > 0:
+                state.slack_at_join = (state.deadline_s - now_s - self.cost.alone_s(state)) / state.isolated_s
             try:
                 state.run = self.pipeline.start(state.params)
             except Exception as e:  # noqa: BLE001 - one bad request must not stop the loop
@@ -161,10 +207,14 @@ class Engine:
             state.joined_s = now_s
             self.running[rid] = state
         advancing = [self.running[rid] for rid in plan.advance if rid in self.running]
+        self.last_advance = frozenset(s.request_id for s in advancing)
         if not advancing:
             return outputs
         # (3) one executor run for every advancing request
         before = tuple(s.step_index for s in advancing)
+        shape = self.cost.shape(advancing) if self.cost is not None else None
+        predicted = self.cost.predictor.predict(shape) if shape is not None else None
+        t_step = self.clock()
         items = [self.pipeline.denoiser_inputs(s.run) for s in advancing]
         try:
             preds, stats = self.denoiser.run(items)
@@ -176,10 +226,14 @@ class Engine:
                 s.done_s = now_s
                 outputs.append(self._final(s, FinishReason.ERROR, error=e))
             return outputs
-        end_s = clock() if clock else now_s
         # (4) per-request sampler update; (5) progress, finish
         for s, pred in zip(advancing, preds, strict=True):
             self.pipeline.apply(s.run, pred)
+        measured = self.clock() - t_step
+        if shape is not None:
+            self.cost.predictor.observe(shape, measured)
+        end_s = clock() if clock else now_s
+        for s in advancing:
             s.step_s.append(end_s)
             if s.run.done:
                 self.running.pop(s.request_id)
@@ -190,7 +244,8 @@ class Engine:
                     outputs.append(self._final(s, FinishReason.ERROR, error=e))
                     continue
                 s.done_s = clock() if clock else end_s
-                outputs.append(self._final(s, FinishReason.COMPLETED, image=image))
+                reason = FinishReason.DEGRADED if s.asked_steps else FinishReason.COMPLETED
+                outputs.append(self._final(s, reason, image=image))
             elif s.progress:
                 preview = self.pipeline.preview(s.run) if s.preview else None
                 outputs.append(RequestOutput(s.request_id, False, s.step_index, s.params.num_steps, preview))
@@ -199,6 +254,7 @@ class Engine:
             StepRecord(
                 self.step_no, now_s, end_s, tuple(s.request_id for s in advancing), before,
                 tuple(s.size for s in advancing), stats.batch, stats.resolutions, stats.requests,
+                predicted, measured,
             )
         )
         self.step_no += 1
@@ -206,5 +262,6 @@ class Engine:
 
     def _final(self, s: RequestState, reason: FinishReason, image=None, error=None) -> RequestOutput:
         return RequestOutput(
-            s.request_id, True, s.step_index, s.params.num_steps, image, error, reason, s.arrival_s, s.done_s
+            s.request_id, True, s.step_index, s.params.num_steps, image, error, reason, s.arrival_s, s.done_s,
+            s.deadline_s, s.slack_at_join, s.size,
         )

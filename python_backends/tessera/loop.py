@@ -31,7 +31,11 @@ class EngineLoop:
         is_cancelled: Callable[[str], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
         max_in_flight: int = 256,
+        prepare: Callable[[], None] | None = None,
     ):
+        """`prepare` runs first on the loop thread (the start-up profile: BLS is refused during
+        the model's initialize, allowed from this thread afterwards)."""
+        self.prepare = prepare
         self.engine, self.sink, self.is_cancelled, self.clock = engine, sink, is_cancelled, clock
         self.max_in_flight = max_in_flight
         self._inbox: deque[tuple[str, object]] = deque()
@@ -104,6 +108,11 @@ class EngineLoop:
                         self._emit(out)
 
     def _run(self) -> None:
+        if self.prepare is not None:
+            try:
+                self.prepare()
+            except Exception:  # noqa: BLE001 - serve without a profile rather than not at all
+                log.exception("[tessera] start-up profile failed; deadlines use an unfitted predictor")
         while True:
             with self._cv:
                 while not self._inbox and not self.engine.has_work() and not self._stop:

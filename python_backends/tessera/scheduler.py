@@ -1,22 +1,137 @@
-"""Request scheduling policies. A policy reads an EngineView and returns a StepPlan; it never touches
-request state, tensors or executors.
+"""Request scheduling policies (PatchedServe §1.8, TetriServe §5). A policy reads an EngineView and
+returns a StepPlan (who joins, who advances, who is dropped or degraded); it never touches request
+state, tensors or executors, so perf/simulate.py replays the same code on a virtual clock.
 
-  step-fcfs   continuous batching, first come first served: everyone running advances every step;
-              waiting requests join at the next step boundary while there is room.
   image-fcfs  the Triton tutorial's behaviour: one request's whole loop at a time, batching only
-              requests of the same resolution that are waiting together; nobody joins mid-loop.
+              same-resolution requests waiting together; nobody joins mid-loop.
+  step-fcfs   continuous batching, first come first served.
+  slack       least slack first; a schedulability test never admits a request that would make an
+              on-time active request late; throughput mode (admit FCFS) while every slack is relaxed;
+              hopeless requests dropped or degraded.
+  rounds      re-plan every g steps: EDF packing of running + waiting requests into the batch,
+              keeping only sets in which every member still meets its deadline (most requests on time);
+              the rest wait (running ones pause); hopeless requests dropped or degraded.
 """
 
 from __future__ import annotations
 
-from .engine import EngineView, StepPlan
+from dataclasses import dataclass
+
+from .engine import EngineView, RequestState, StepPlan
 from .errors import ConfigError
+from .predictor import BatchShape, LatencyPredictor
+
+HOPELESS = ("drop", "degrade")
+
+
+@dataclass
+class CostModel:
+    """Predicted time of steps, joins (prompt encoding) and finishes (VAE decode) on one engine."""
+
+    predictor: LatencyPredictor
+    vae_factor: int
+    start_s: float = 0.0  # per joining request
+    finish_base_s: float = 0.0  # per finishing request
+    finish_s_per_cell: float = 0.0
+
+    def shape(self, states) -> BatchShape:
+        f = self.vae_factor
+        return BatchShape(tuple((s.params.height // f, s.params.width // f, 2 if s.params.do_cfg else 1) for s in states))
+
+    def step_s(self, states) -> float:
+        return self.predictor.predict(self.shape(states)) if states else 0.0
+
+    def finish_s(self, s: RequestState) -> float:
+        f = self.vae_factor
+        return self.finish_base_s + self.finish_s_per_cell * (s.params.height // f) * (s.params.width // f)
+
+    def alone_s(self, s: RequestState, steps: int | None = None) -> float:
+        """Remaining time if `s` ran alone from now (join included if it has not started)."""
+        steps = s.steps_left if steps is None else steps
+        return (self.start_s if s.run is None else 0.0) + steps * self.step_s([s]) + self.finish_s(s)
+
+    def isolated_s(self, s: RequestState) -> float:
+        return self.start_s + s.params.num_steps * self.step_s([s]) + self.finish_s(s)
+
+    def finish_times(self, states, now_s: float) -> dict[str, float]:
+        """Predicted finish of each request if `states` run together from now, nobody else joining:
+        the batch shrinks as members finish; joins and decodes hold the (single) loop."""
+        t = now_s + sum(self.start_s for s in states if s.run is None)
+        active = sorted(states, key=lambda s: s.steps_left)
+        done_steps = 0
+        out = {}
+        while active:
+            k = active[0].steps_left - done_steps
+            t += k * self.step_s(active)
+            done_steps += k
+            while active and active[0].steps_left - done_steps <= 0:
+                s = active.pop(0)
+                t += self.finish_s(s)
+                out[s.request_id] = t
+        return out
+
+
+def _on_time(cost: CostModel, states, now_s: float, must: set[str]) -> bool:
+    ft = cost.finish_times(states, now_s)
+    return all(ft[s.request_id] <= s.deadline_s for s in states if s.request_id in must)
+
+
+class _DeadlinePolicy:
+    """Shared by slack and rounds: hopeless handling (drop, or degrade to fewer steps at join)."""
+
+    def __init__(self, max_batch: int, cost: CostModel, on_hopeless: str = "drop", min_steps: int = 4):
+        if on_hopeless not in HOPELESS:
+            raise ConfigError(f"on_hopeless: unknown value; allowed {', '.join(HOPELESS)}, got {on_hopeless!r}")
+        self.max_batch, self.cost, self.on_hopeless, self.min_steps = max_batch, cost, on_hopeless, min_steps
+
+    def hopeless(self, s: RequestState, now_s: float) -> bool:
+        return now_s + self.cost.alone_s(s) > s.deadline_s
+
+    def triage(self, view: EngineView, now_s: float):
+        """(waiting kept, running kept, drop, degrade) after removing or shortening hopeless requests."""
+        drop, degrade, waiting, running = [], [], [], []
+        for s in view.waiting:
+            if not self.hopeless(s, now_s):
+                waiting.append(s)
+                continue
+            steps = self._fitting_steps(s, now_s) if self.on_hopeless == "degrade" else 0
+            if steps >= min(self.min_steps, s.params.num_steps):
+                degrade.append((s.request_id, steps))
+                waiting.append(s)
+            else:
+                drop.append((s.request_id, self._reason(s, now_s)))
+        for s in view.running:
+            if self.hopeless(s, now_s) and self.on_hopeless == "drop":
+                drop.append((s.request_id, self._reason(s, now_s)))
+            else:
+                running.append(s)
+        return waiting, running, tuple(drop), tuple(degrade)
+
+    def _fitting_steps(self, s: RequestState, now_s: float) -> int:
+        per = self.cost.step_s([s])
+        budget = s.deadline_s - now_s - self.cost.start_s - self.cost.finish_s(s)
+        return int(budget // per) if per > 0 else s.params.num_steps
+
+    def _reason(self, s: RequestState, now_s: float) -> str:
+        finish_ms = (now_s + self.cost.alone_s(s) - s.arrival_s) * 1e3
+        return (f"deadline cannot be met: predicted finish {finish_ms:.0f} ms after arrival even if run alone, "
+                f"deadline {(s.deadline_s - s.arrival_s) * 1e3:.0f} ms")
+
+    def _steps(self, s: RequestState, degrade: dict[str, int]) -> RequestState:
+        return s if s.request_id not in degrade else _with_steps(s, degrade[s.request_id])
+
+
+def _with_steps(s: RequestState, steps: int) -> RequestState:
+    """A view copy of a waiting request with fewer steps (for predictions only)."""
+    from dataclasses import replace
+
+    return replace(s, params=replace(s.params, num_steps=steps))
 
 
 class StepFcfsPolicy:
     name = "step-fcfs"
 
-    def __init__(self, max_batch: int = 16):
+    def __init__(self, max_batch: int = 16, **_):
         self.max_batch = max_batch
 
     def schedule(self, view: EngineView, now_s: float) -> StepPlan:
@@ -28,7 +143,7 @@ class StepFcfsPolicy:
 class ImageFcfsPolicy:
     name = "image-fcfs"
 
-    def __init__(self, max_batch: int = 16):
+    def __init__(self, max_batch: int = 16, **_):
         self.max_batch = max_batch
 
     def schedule(self, view: EngineView, now_s: float) -> StepPlan:
@@ -41,7 +156,78 @@ class ImageFcfsPolicy:
         return StepPlan(join, join)
 
 
-POLICIES = {p.name: p for p in (StepFcfsPolicy, ImageFcfsPolicy)}
+class SlackPolicy(_DeadlinePolicy):
+    name = "slack"
+
+    def __init__(self, max_batch: int = 16, cost: CostModel | None = None, on_hopeless: str = "drop",
+                 min_steps: int = 4, relaxed_slack: float = 2.0, **_):
+        super().__init__(max_batch, cost, on_hopeless, min_steps)
+        self.relaxed_slack = relaxed_slack
+
+    def slack(self, s: RequestState, now_s: float) -> float:
+        """(deadline - now - predicted remaining alone) / isolated latency."""
+        return (s.deadline_s - now_s - self.cost.alone_s(s)) / max(s.isolated_s, 1e-9)
+
+    def schedule(self, view: EngineView, now_s: float) -> StepPlan:
+        waiting, running, drop, degrade = self.triage(view, now_s)
+        shorter = dict(degrade)
+        waiting = [self._steps(s, shorter) for s in waiting]
+        batch = list(running)
+        everyone = batch + waiting
+        relaxed = everyone and min(self.slack(s, now_s) for s in everyone) > self.relaxed_slack
+        join = []
+        if relaxed:  # throughput mode: nobody is close to a deadline, fill the batch in arrival order
+            for s in waiting[: max(self.max_batch - len(batch), 0)]:
+                join.append(s)
+            batch += join
+        else:
+            on_time = {s.request_id for s, t in zip(batch, self._finishes(batch, now_s), strict=True) if t <= s.deadline_s}
+            for s in sorted(waiting, key=lambda s: self.slack(s, now_s)):
+                if len(batch) >= self.max_batch:
+                    break
+                if _on_time(self.cost, batch + [s], now_s, on_time | {s.request_id}):
+                    batch.append(s)
+                    join.append(s)
+                    on_time.add(s.request_id)
+        ids = tuple(s.request_id for s in join)
+        return StepPlan(ids, tuple(s.request_id for s in running) + ids, drop, degrade)
+
+    def _finishes(self, batch, now_s):
+        ft = self.cost.finish_times(batch, now_s)
+        return [ft[s.request_id] for s in batch]
+
+
+class RoundsPolicy(_DeadlinePolicy):
+    name = "rounds"
+
+    def __init__(self, max_batch: int = 16, cost: CostModel | None = None, on_hopeless: str = "drop",
+                 min_steps: int = 4, round_steps: int = 5, **_):
+        super().__init__(max_batch, cost, on_hopeless, min_steps)
+        self.round_steps = round_steps
+
+    def schedule(self, view: EngineView, now_s: float) -> StepPlan:
+        boundary = view.step_no % self.round_steps == 0 or not (view.last_advance & {s.request_id for s in view.running})
+        if not boundary:
+            keep = tuple(s.request_id for s in view.running if s.request_id in view.last_advance)
+            return StepPlan((), keep)
+        waiting, running, drop, degrade = self.triage(view, now_s)
+        shorter = dict(degrade)
+        candidates = sorted(running + [self._steps(s, shorter) for s in waiting], key=lambda s: s.deadline_s)
+        chosen: list[RequestState] = []
+        for s in candidates:  # EDF packing: keep a member only if everyone chosen stays on time
+            if len(chosen) >= self.max_batch:
+                break
+            trial = chosen + [s]
+            if _on_time(self.cost, trial, now_s, {x.request_id for x in trial}):
+                chosen = trial
+        if not chosen and candidates:  # nobody can be on time together: best effort for the earliest
+            chosen = candidates[:1]
+        running_ids = {s.request_id for s in running}
+        join = tuple(s.request_id for s in chosen if s.request_id not in running_ids)
+        return StepPlan(join, tuple(s.request_id for s in chosen), drop, degrade)
+
+
+POLICIES = {p.name: p for p in (ImageFcfsPolicy, StepFcfsPolicy, SlackPolicy, RoundsPolicy)}
 
 
 def make_policy(name: str, **kw):
@@ -49,4 +235,6 @@ def make_policy(name: str, **kw):
         cls = POLICIES[name]
     except KeyError:
         raise ConfigError(f"policy: unknown policy; allowed {', '.join(POLICIES)}, got {name!r}") from None
+    if name in ("slack", "rounds") and kw.get("cost") is None:
+        raise ConfigError(f"policy: {name!r} needs a cost model (the engine profiles one at start-up)")
     return cls(**kw)

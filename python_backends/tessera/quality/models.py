@@ -15,9 +15,11 @@ VOCAB = 4096
 TEXT_HIDDEN = 64
 EVAL_SIZE = 64  # the evaluator sees every image resized to 64x64
 
+# Three levels: at 64x64 px the bottleneck is 2x2 latent cells, one per quadrant, which is where the
+# "at top left" words can act through cross-attention (a 2-level UNet left position at chance).
 UNETS = {
-    "heavy": dict(block_out_channels=(64, 128), layers_per_block=1, attention_head_dim=8),
-    "light": dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8),
+    "heavy": dict(block_out_channels=(48, 96, 96), layers_per_block=1, attention_head_dim=8),
+    "light": dict(block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=8),
 }
 
 
@@ -52,8 +54,8 @@ def unet(kind: str):
 
     return UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=("CrossAttnDownBlock2D",) * 3,
+        up_block_types=("CrossAttnUpBlock2D",) * 3,
         cross_attention_dim=TEXT_HIDDEN, norm_num_groups=16, **UNETS[kind],
     )
 

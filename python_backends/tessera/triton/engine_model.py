@@ -19,7 +19,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..config import EngineConfig
-from ..engine import Engine, FinishReason, RequestOutput, RequestState
+from ..engine import DeadlineUnreachableError, Engine, FinishReason, RequestOutput, RequestState
 from ..errors import InvalidInputError
 from ..executors.factory import make_denoiser
 from ..generation import Txt2Img
@@ -38,7 +38,7 @@ def triton_error(exc: BaseException | None, reason: FinishReason | None) -> pb_u
         return pb_utils.TritonError("request cancelled", pb_utils.TritonError.CANCELLED)
     if isinstance(exc, InvalidInputError):
         return pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
-    if isinstance(exc, OverloadedError | ShutdownError):
+    if isinstance(exc, OverloadedError | ShutdownError | DeadlineUnreachableError):
         return pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE)
     return pb_utils.TritonError(f"{type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
 
@@ -80,14 +80,26 @@ class TritonPythonModel:
         tokenizers = [CLIPTokenizer.from_pretrained(version_dir / d) for d in self.spec.tokenizers]
         self.pipeline = Txt2Img(self.spec, components, tokenizers)
         denoiser = make_denoiser(self.config, self.spec, repo, components)
-        policy = make_policy(self.config.policy, max_batch=self.config.max_batch)
-        self.engine = Engine(self.pipeline, denoiser, policy)
+        from ..predictor import LatencyPredictor
+        from ..profile import default_sizes, profile_costs
+        from ..scheduler import CostModel
+
+        sizes = self.config.sizes() or default_sizes(self.spec.limits)
+        # Filled in by the start-up profile on the loop thread, before the first request is admitted.
+        self.cost = CostModel(LatencyPredictor(), self.spec.vae_scale_factor)
+        prepare = lambda: profile_costs(self.pipeline, denoiser, sizes, self.spec.vae_scale_factor,  # noqa: E731
+                                        into=self.cost)
+        policy = make_policy(
+            self.config.policy, max_batch=self.config.max_batch, cost=self.cost, on_hopeless=self.config.on_hopeless,
+            min_steps=self.config.min_steps, round_steps=self.config.round_steps,
+        )
+        self.engine = Engine(self.pipeline, denoiser, policy, cost=self.cost, slo_scale=self.config.slo_scale)
         self.tickets: dict[str, Ticket] = {}
         self.lock = threading.Lock()
         self.ids = itertools.count()
         self._metrics()
         self.loop = EngineLoop(self.engine, self._sink, self._is_cancelled,
-                               max_in_flight=self.config.max_in_flight).start()
+                               max_in_flight=self.config.max_in_flight, prepare=prepare).start()
         log.info("[tessera] loaded %s: family=%s %s", self.name, self.spec.family, self.config)
 
     # -- metrics ------------------------------------------------------------------------------------
@@ -113,8 +125,14 @@ class TritonPythonModel:
             k: counter("tessera_requests_total", "Engine requests by outcome", outcome=k)
             for k in ("completed", "cancelled", "error", "invalid", "rejected")
         }
-        self.m_slo = {k: counter("tessera_slo_total", "Images with slo_ms by outcome", outcome=k)
-                      for k in ("met", "missed")}
+        self.counter = counter
+        self.m_deadline: dict[tuple[str, str], object] = {}  # (outcome, resolution) -> metric
+        self.m_slack_sum = counter("tessera_slack_at_join_sum", "Sum of slack at admission (isolated-latency units)")
+        self.m_slack_n = counter("tessera_slack_at_join_count", "Requests admitted with a deadline")
+        self.families["tessera_predictor_mape"] = pb_utils.MetricFamily(
+            name="tessera_predictor_mape", description="Step-latency predictor: mean abs % error, out of sample",
+            kind=pb_utils.MetricFamily.GAUGE)
+        self.m_mape = self.families["tessera_predictor_mape"].Metric(labels=labels)
         self.families["tessera_in_flight_requests"] = pb_utils.MetricFamily(
             name="tessera_in_flight_requests", description="Requests accepted and not yet answered",
             kind=pb_utils.MetricFamily.GAUGE)
@@ -122,6 +140,9 @@ class TritonPythonModel:
         self._seen_records = 0
 
     def _record_metrics(self) -> None:
+        mape = self.cost.predictor.mape
+        if mape is not None:
+            self.m_mape.set(mape)
         for r in [r for r in self.engine.records if r.step_no >= self._seen_records]:
             self.m_engine_steps.increment(1)
             self.m_calls.increment(r.denoiser_calls)
@@ -196,6 +217,7 @@ class TritonPythonModel:
             return
         self.m_outcome[out.finish_reason.value if out.finish_reason else "error"].increment(1)
         self.m_in_flight.set(self.loop.pending)
+        self._deadline_metrics(out)
         ticket.finals += 1
         if not ticket.failed and out.finish_reason != FinishReason.COMPLETED:
             ticket.failed = True
@@ -206,9 +228,6 @@ class TritonPythonModel:
                     self.loop.cancel(f"{base}/{other}")
         elif not ticket.failed:
             ticket.images[int(k)] = out.image
-            slo = ticket.slo_ms[int(k)]
-            if slo is not None and out.done_s is not None and out.arrival_s is not None:
-                self.m_slo["met" if (out.done_s - out.arrival_s) * 1e3 <= slo else "missed"].increment(1)
             if len(ticket.images) == ticket.size:
                 images = np.stack([ticket.images[i] for i in range(ticket.size)])
                 steps = np.full((ticket.size, 1), out.step_index, np.int32)
@@ -219,6 +238,25 @@ class TritonPythonModel:
         if ticket.finals >= ticket.size:
             with self.lock:
                 self.tickets.pop(base, None)
+
+    def _deadline_metrics(self, out: RequestOutput) -> None:
+        if out.finish_reason in (FinishReason.CANCELLED, FinishReason.ERROR) or out.deadline_s is None:
+            return
+        if out.deadline_s == float("inf"):
+            return
+        if out.finish_reason == FinishReason.DROPPED:
+            outcome = "dropped"
+        else:
+            outcome = "met" if out.done_s is not None and out.done_s <= out.deadline_s else "missed"
+        res = f"{out.size[0]}x{out.size[1]}" if out.size else "unknown"
+        key = (outcome, res)
+        if key not in self.m_deadline:
+            self.m_deadline[key] = self.counter("tessera_deadline_total", "Requests by deadline outcome and size",
+                                                outcome=outcome, resolution=res)
+        self.m_deadline[key].increment(1)
+        if out.slack_at_join is not None:
+            self.m_slack_sum.increment(out.slack_at_join)
+            self.m_slack_n.increment(1)
 
     def finalize(self) -> None:
         log.info("[tessera] %s: shutting down (%d in flight)", self.name, self.loop.pending)

@@ -10,6 +10,7 @@ are mapped back to their codes by their stable message prefixes (common.code_for
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -38,6 +39,9 @@ class TritonPythonModel:
         self.limits = spec.limits
         self.tokenizers = [CLIPTokenizer.from_pretrained(engine_dir / d) for d in spec.tokenizers]
         workers = int_param(params, "max_in_flight", 256)
+        self.max_in_flight = workers
+        self.in_flight = 0
+        self.lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tessera-forward")
         log.info("[tessera] loaded %s: forwards to %s (up to %d in flight)", self.name, self.engine, workers)
 
@@ -49,6 +53,14 @@ class TritonPythonModel:
                 parse_request(tensors, self.limits, self._count_tokens)
             except Exception as e:  # noqa: BLE001 - answered per request
                 sender.send(error_response(e), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
+            with self.lock:
+                full = self.in_flight >= self.max_in_flight
+                self.in_flight += 0 if full else 1
+            if full:  # overload: answered at once, never queued to time out late
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    f"engine: overloaded; allowed at most {self.max_in_flight} requests in flight, got one more",
+                    pb_utils.TritonError.UNAVAILABLE)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
             # Copy the inputs now: the request object is not used after execute returns.
             inputs = [pb_utils.Tensor(t.name(), np.array(t.as_numpy(), copy=True)) for t in request.inputs()]
@@ -77,6 +89,8 @@ class TritonPythonModel:
         except Exception as e:  # noqa: BLE001 - every request gets its one response
             log.exception("[tessera] %s: forwarding failed", self.name)
             answer = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INTERNAL))
+        with self.lock:
+            self.in_flight -= 1
         sender.send(answer, flags=final)
 
     def _count_tokens(self, text: str) -> int:

@@ -1,0 +1,75 @@
+"""Online latency predictor (PatchedServe §1.7): the latency of one engine step from its batch makeup.
+
+Features of a step: 1, the rows x latent cells summed over requests (CFG halves count twice), the
+number of requests, the number of distinct resolutions and the number of denoiser rows (patches or
+tiles when the executor cuts). Least squares on a start-up profile, then refit online from a window of
+served steps. `observe` records the error of the prediction made before each served step, so the
+exported error is on batches the model was not fit on.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class BatchShape:
+    """What a step will run: (height_cells, width_cells, rows) per request, and the executor's rows."""
+
+    requests: tuple[tuple[int, int, int], ...]
+    denoiser_rows: int = 0  # patches/tiles/latents fed to the denoiser (0: sum of request rows)
+
+    def features(self) -> np.ndarray:
+        cells = sum(h * w * r for h, w, r in self.requests)
+        distinct = len({(h, w) for h, w, _ in self.requests})
+        rows = self.denoiser_rows or sum(r for _, _, r in self.requests)
+        return np.array([1.0, cells, len(self.requests), distinct, rows], dtype=np.float64)
+
+
+class LatencyPredictor:
+    def __init__(self, window: int = 512, refit_every: int = 16, ridge: float = 1e-6):
+        self.window: deque[tuple[np.ndarray, float]] = deque(maxlen=window)
+        self.coef = np.zeros(5)
+        self.refit_every, self.ridge = refit_every, ridge
+        self._since_fit = 0
+        self.errors: deque[float] = deque(maxlen=window)  # |pred - actual| / actual, out of sample
+
+    def fit(self, samples: Iterable[tuple[BatchShape, float]]) -> None:
+        for shape, seconds in samples:
+            self.window.append((shape.features(), seconds))
+        self._refit()
+
+    def _refit(self) -> None:
+        if not self.window:
+            return
+        x = np.stack([f for f, _ in self.window])
+        y = np.array([s for _, s in self.window])
+        # Scale columns so the ridge term treats them alike; keep coefficients non-negative-ish by
+        # falling back to a cells-only model when the fit is degenerate.
+        scale = np.maximum(np.abs(x).max(0), 1e-12)
+        xs = x / scale
+        a = xs.T @ xs + self.ridge * np.eye(xs.shape[1])
+        self.coef = np.linalg.solve(a, xs.T @ y) / scale
+        self._since_fit = 0
+
+    def predict(self, shape: BatchShape) -> float:
+        """Seconds for one step of this batch (never below 0)."""
+        return max(float(shape.features() @ self.coef), 0.0)
+
+    def observe(self, shape: BatchShape, seconds: float) -> float:
+        """Record a served step; returns the relative error of the prediction made before it."""
+        err = abs(self.predict(shape) - seconds) / max(seconds, 1e-9)
+        self.errors.append(err)
+        self.window.append((shape.features(), seconds))
+        self._since_fit += 1
+        if self._since_fit >= self.refit_every:
+            self._refit()
+        return err
+
+    @property
+    def mape(self) -> float | None:
+        return float(np.mean(self.errors)) if self.errors else None

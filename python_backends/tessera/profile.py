@@ -1,0 +1,87 @@
+"""Start-up profile: measure join, step and finish costs on this host, fit the latency predictor and
+return the CostModel that deadlines (k x isolated latency) and the deadline policies use."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+
+from .engine import RequestState
+from .predictor import BatchShape, LatencyPredictor
+from .request import GenerationParams
+from .scheduler import CostModel
+
+log = logging.getLogger(__name__)
+
+
+def default_sizes(limits) -> list[tuple[int, int]]:
+    """A few served sizes spanning the range: min, 2x min, and (if allowed) 4x min squares plus one
+    non-square size."""
+    lo, hi = limits.min_size, limits.max_size
+    sides = [s for s in (lo, 2 * lo, 4 * lo) if s <= hi]
+    sizes = [(s, s) for s in sides]
+    if 2 * lo <= hi:
+        sizes.append((lo, 2 * lo))
+    return sizes
+
+
+def profile_costs(pipeline, denoiser, sizes: list[tuple[int, int]], vae_factor: int, repeats: int = 3,
+                  clock=time.perf_counter, into: CostModel | None = None) -> CostModel:
+    """Profile and return the CostModel; with `into`, fill that (shared) one in place."""
+    params = [GenerationParams("profile", "", h, w, 50, 5.0, i) for i, (h, w) in enumerate(sizes)]
+    starts, finishes, samples = [], [], []
+    runs, run_params = [], []
+
+    def add(p: GenerationParams) -> int:
+        t0 = clock()
+        runs.append(pipeline.start(p))
+        starts.append(clock() - t0)
+        run_params.append(p)
+        return len(runs) - 1
+
+    base = [add(p) for p in params]
+    twins = [add(params[i]) for i in range(min(2, len(params)))]
+    groups = [[i] for i in base] + [base] + [[base[i], twins[i]] for i in range(len(twins))]
+
+    def timed_step(idx: list[int]) -> None:
+        items = [pipeline.denoiser_inputs(runs[i]) for i in idx]
+        t0 = clock()
+        preds, _ = denoiser.run(items)
+        for i, pr in zip(idx, preds, strict=True):
+            pipeline.apply(runs[i], pr)
+        seconds = clock() - t0
+        f = vae_factor
+        shape = BatchShape(tuple((run_params[i].height // f, run_params[i].width // f, 2) for i in idx))
+        samples.append((shape, seconds))
+
+    for _ in range(repeats):
+        for g in groups:
+            timed_step(g)
+    cells = []
+    for i in range(len(sizes)):
+        t0 = clock()
+        pipeline.finish(runs[i])
+        finishes.append(clock() - t0)
+        h, w = sizes[i]
+        cells.append((h // vae_factor) * (w // vae_factor))
+    predictor = into.predictor if into is not None else LatencyPredictor()
+    predictor.fit(samples)
+    # finish = base + per_cell * cells, least squares over the profiled sizes
+    if len(set(cells)) > 1:
+        mc, mf = statistics.fmean(cells), statistics.fmean(finishes)
+        per_cell = sum((c - mc) * (f - mf) for c, f in zip(cells, finishes, strict=True)) / sum((c - mc) ** 2 for c in cells)
+        per_cell = max(per_cell, 0.0)
+        base = max(mf - per_cell * mc, 0.0)
+    else:
+        per_cell, base = 0.0, finishes[0]
+    cost = into or CostModel(predictor, vae_factor)
+    cost.start_s, cost.finish_base_s, cost.finish_s_per_cell = statistics.median(starts), base, per_cell
+    log.info("[tessera] profile: %d step samples, join %.1f ms, finish %.1f ms + %.3f ms/cell, sizes %s",
+             len(samples), cost.start_s * 1e3, base * 1e3, per_cell * 1e3, sizes)
+    return cost
+
+
+def isolated_ms(cost: CostModel, height: int, width: int, steps: int, guidance: float = 5.0) -> float:
+    s = RequestState("iso", GenerationParams("x", "", height, width, steps, guidance, 0), 0.0)
+    return cost.isolated_s(s) * 1e3
