@@ -46,6 +46,9 @@ def repo(work_dir, tiny_pipelines) -> Path:
     add_engine(path, "engine", "engine_patches", entry="txt2img_patches", denoiser_runtime="torch",
                denoise_mode="patches")
     add_engine(path, "engine", "engine_wide", max_batch=128)  # room for 100+ requests in one step
+    reference = Path(__file__).resolve().parents[1] / "quality_models" / "heavy"
+    if reference.is_dir():  # the committed quality reference (tests/integration/test_quality_smoke.py)
+        export_pipeline(reference, path, prefix="ref_", executor="local", progress=quiet)
     return path
 
 

@@ -185,7 +185,7 @@ class Engine:
         for rid, reason in plan.drop:
             out = self.abort(rid, now_s, FinishReason.DROPPED, DeadlineUnreachableError(reason))
             if out is not None:
-                log.warning("[tessera] dropped %s: %s", rid, reason)
+                self._warn_drop(rid, reason, now_s)
                 outputs.append(out)
         for rid, steps in plan.degrade:
             state = self.waiting.get(rid)
@@ -259,6 +259,13 @@ class Engine:
         )
         self.step_no += 1
         return outputs
+
+    def _warn_drop(self, rid: str, reason: str, now_s: float) -> None:
+        """WARNING for drops, at most one line per second (with the count since the last line)."""
+        self._drops_unlogged = getattr(self, "_drops_unlogged", 0) + 1
+        if now_s - getattr(self, "_last_drop_log_s", -math.inf) >= 1.0:
+            log.warning("[tessera] dropped %d request(s), latest %s: %s", self._drops_unlogged, rid, reason)
+            self._drops_unlogged, self._last_drop_log_s = 0, now_s
 
     def _final(self, s: RequestState, reason: FinishReason, image=None, error=None) -> RequestOutput:
         return RequestOutput(

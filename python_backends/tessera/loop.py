@@ -33,8 +33,8 @@ class EngineLoop:
         max_in_flight: int = 256,
         prepare: Callable[[], None] | None = None,
     ):
-        """`prepare` runs first on the loop thread (the start-up profile: BLS is refused during
-        the model's initialize, allowed from this thread afterwards)."""
+        """`prepare` runs on the loop thread when the first request arrives (the start-up profile:
+        BLS is refused until the model's initialize has returned)."""
         self.prepare = prepare
         self.engine, self.sink, self.is_cancelled, self.clock = engine, sink, is_cancelled, clock
         self.max_in_flight = max_in_flight
@@ -108,17 +108,18 @@ class EngineLoop:
                         self._emit(out)
 
     def _run(self) -> None:
-        if self.prepare is not None:
-            try:
-                self.prepare()
-            except Exception:  # noqa: BLE001 - serve without a profile rather than not at all
-                log.exception("[tessera] start-up profile failed; deadlines use an unfitted predictor")
         while True:
             with self._cv:
                 while not self._inbox and not self.engine.has_work() and not self._stop:
                     self._cv.wait()
                 if self._stop:
                     break
+            if self.prepare is not None:  # first work: the model's initialize has returned by now
+                prepare, self.prepare = self.prepare, None
+                try:
+                    prepare()
+                except Exception:  # noqa: BLE001 - serve without a profile rather than not at all
+                    log.exception("[tessera] start-up profile failed; deadlines use an unfitted predictor")
             self._drain()
             if self.engine.has_work():
                 try:

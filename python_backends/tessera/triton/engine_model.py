@@ -33,14 +33,17 @@ from .common import input_or_none, parameters, setup_logging
 log = logging.getLogger("tessera.triton.engine")
 
 
-def triton_error(exc: BaseException | None, reason: FinishReason | None) -> pb_utils.TritonError:
+def triton_error(exc: BaseException | None, reason: FinishReason | None, request_id: str = "") -> pb_utils.TritonError:
+    """The error response for a request. gRPC streams carry only the message, so the client's request
+    id is appended (`[request id: X]`) for streaming clients to match errors to requests."""
+    tag = f" [request id: {request_id}]" if request_id else ""
     if reason == FinishReason.CANCELLED:
-        return pb_utils.TritonError("request cancelled", pb_utils.TritonError.CANCELLED)
+        return pb_utils.TritonError("request cancelled" + tag, pb_utils.TritonError.CANCELLED)
     if isinstance(exc, InvalidInputError):
-        return pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+        return pb_utils.TritonError(str(exc) + tag, pb_utils.TritonError.INVALID_ARG)
     if isinstance(exc, OverloadedError | ShutdownError | DeadlineUnreachableError):
-        return pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE)
-    return pb_utils.TritonError(f"{type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
+        return pb_utils.TritonError(str(exc) + tag, pb_utils.TritonError.UNAVAILABLE)
+    return pb_utils.TritonError(f"{type(exc).__name__}: {exc}{tag}", pb_utils.TritonError.INTERNAL)
 
 
 @dataclass
@@ -50,6 +53,7 @@ class Ticket:
     request: object
     sender: object
     size: int
+    client_id: str
     progress: bool
     slo_ms: list[int | None]
     images: dict[int, np.ndarray] = field(default_factory=dict)
@@ -123,12 +127,15 @@ class TritonPythonModel:
                                "Engine steps whose requests were at different step indices (continuous batching)")
         self.m_outcome = {
             k: counter("tessera_requests_total", "Engine requests by outcome", outcome=k)
-            for k in ("completed", "cancelled", "error", "invalid", "rejected")
+            for k in ("completed", "degraded", "dropped", "cancelled", "error", "invalid", "rejected")
         }
         self.counter = counter
         self.m_deadline: dict[tuple[str, str], object] = {}  # (outcome, resolution) -> metric
-        self.m_slack_sum = counter("tessera_slack_at_join_sum", "Sum of slack at admission (isolated-latency units)")
-        self.m_slack_n = counter("tessera_slack_at_join_count", "Requests admitted with a deadline")
+        self.families["tessera_slack_at_join_mean"] = pb_utils.MetricFamily(
+            name="tessera_slack_at_join_mean", kind=pb_utils.MetricFamily.GAUGE,
+            description="Mean slack at admission, in isolated-latency units (negative: admitted late)")
+        self.m_slack = self.families["tessera_slack_at_join_mean"].Metric(labels=labels)
+        self._slack_sum, self._slack_n = 0.0, 0
         self.families["tessera_predictor_mape"] = pb_utils.MetricFamily(
             name="tessera_predictor_mape", description="Step-latency predictor: mean abs % error, out of sample",
             kind=pb_utils.MetricFamily.GAUGE)
@@ -158,6 +165,7 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
+            client_id = request.request_id() or ""
             try:
                 tensors = {n: input_or_none(request, n) for n in ENTRY_INPUT_NAMES}
                 items = parse_request(tensors, self.spec.limits, self.pipeline.count_tokens)
@@ -166,13 +174,13 @@ class TritonPythonModel:
                 preview = bool(flags["preview"] is not None and flags["preview"].any())
             except Exception as e:  # noqa: BLE001 - answered per request
                 self.m_outcome["invalid"].increment(1)
-                sender.send(pb_utils.InferenceResponse(error=triton_error(e, None)),
+                sender.send(pb_utils.InferenceResponse(error=triton_error(e, None, client_id)),
                             flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
             base = f"r{next(self.ids)}"
             now = time.monotonic()
             with self.lock:
-                self.tickets[base] = Ticket(request, sender, len(items), progress and len(items) == 1,
+                self.tickets[base] = Ticket(request, sender, len(items), client_id, progress and len(items) == 1,
                                             [p.slo_ms for p in items])
             submitted = 0
             self.m_in_flight.set(self.loop.pending + len(items))
@@ -190,7 +198,7 @@ class TritonPythonModel:
                         self.tickets.pop(base)
                 for k in range(submitted):
                     self.loop.cancel(f"{base}/{k}")
-                sender.send(pb_utils.InferenceResponse(error=triton_error(e, None)),
+                sender.send(pb_utils.InferenceResponse(error=triton_error(e, None, client_id)),
                             flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
 
@@ -202,7 +210,19 @@ class TritonPythonModel:
             return False
 
     def _sink(self, out: RequestOutput) -> None:
-        self._record_metrics()
+        try:
+            self._answer(out)
+        finally:  # metrics never stand between a request and its response
+            try:
+                self._record_metrics()
+                if out.final:
+                    self.m_outcome[out.finish_reason.value if out.finish_reason else "error"].increment(1)
+                    self.m_in_flight.set(self.loop.pending)
+                    self._deadline_metrics(out)
+            except Exception:  # noqa: BLE001
+                log.exception("[tessera] metrics update failed for %s", out.request_id)
+
+    def _answer(self, out: RequestOutput) -> None:
         base, k = out.request_id.split("/")
         with self.lock:
             ticket = self.tickets.get(base)
@@ -215,13 +235,11 @@ class TritonPythonModel:
                     tensors.append(pb_utils.Tensor("preview", out.image[None]))
                 ticket.sender.send(pb_utils.InferenceResponse(tensors))
             return
-        self.m_outcome[out.finish_reason.value if out.finish_reason else "error"].increment(1)
-        self.m_in_flight.set(self.loop.pending)
-        self._deadline_metrics(out)
         ticket.finals += 1
         if not ticket.failed and out.finish_reason != FinishReason.COMPLETED:
             ticket.failed = True
-            ticket.sender.send(pb_utils.InferenceResponse(error=triton_error(out.error, out.finish_reason)),
+            ticket.sender.send(pb_utils.InferenceResponse(error=triton_error(out.error, out.finish_reason,
+                                                                             ticket.client_id)),
                                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             for other in range(ticket.size):  # the rest of this request's items are not needed
                 if other != int(k) and other not in ticket.images:
@@ -255,8 +273,9 @@ class TritonPythonModel:
                                                 outcome=outcome, resolution=res)
         self.m_deadline[key].increment(1)
         if out.slack_at_join is not None:
-            self.m_slack_sum.increment(out.slack_at_join)
-            self.m_slack_n.increment(1)
+            self._slack_sum += out.slack_at_join
+            self._slack_n += 1
+            self.m_slack.set(self._slack_sum / self._slack_n)
 
     def finalize(self) -> None:
         log.info("[tessera] %s: shutting down (%d in flight)", self.name, self.loop.pending)

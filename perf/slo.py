@@ -1,0 +1,197 @@
+"""SLO attainment of the four policies on the real server, one run, one server build, the same seeded
+traces; then the simulator on the same traces (1 instance: validation; 1/2/4/8: scaling, with the
+oracle reference), and an overload phase (3x capacity) checking every request is answered.
+
+SLO per resolution = k x its isolated latency, measured through the server (lone requests) before the
+runs; the client sends it as slo_ms so every policy is held to the same deadlines.
+Writes perf/results/slo.json + slo.png and perf/results/sim.json + sim.png; traces in perf/results/traces/.
+Run: python -m perf.slo
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from perf.common import RESULTS, write_result
+
+POLICIES = ("image-fcfs", "step-fcfs", "slack", "rounds")
+SIZES = ((128, 128), (128, 256), (256, 256))
+
+
+def isolated_ms(server, model: str, steps: int, repeats: int) -> dict[tuple[int, int], float]:
+    from tessera.client import infer_image, make_client, request_arrays
+
+    c = make_client("grpc", server.grpc_url)
+    out = {}
+    for h, w in SIZES:
+        times = []
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            infer_image(c, "grpc", request_arrays("a red circle at top left", h, w, steps, 5.0, i), model=model)
+            if i:
+                times.append((time.perf_counter() - t0) * 1e3)
+        out[(h, w)] = statistics.median(times)
+    c.close()
+    return out
+
+
+def scrape(url: str, name: str, model: str) -> float | None:
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith(f'{name}{{model="{model}"}}'):
+            return float(line.split()[-1])
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--loads", default="0.5,0.8,1.1,1.5,2.0", help="offered load as multiples of capacity")
+    ap.add_argument("--duration", type=float, default=25.0, help="seconds of arrivals per run")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--slo-scale", type=float, default=5.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--overload-s", type=float, default=60.0)
+    ap.add_argument("--max-in-flight", type=int, default=48)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)
+    from tessera.bench.loadgen import replay, summarize
+    from tessera.bench.simulate import oracle, sar, simulate
+    from tessera.bench.traces import poisson
+    from tessera.server import TritonServer
+    from tessera_export.repository import add_engine, export_pipeline
+    from tessera_export.tiny import build_tiny
+
+    work = Path(tempfile.mkdtemp(prefix="tessera-slo-"))
+    repo = work / "repo"
+    pipeline = build_tiny(work / "tiny-sd", kind="unet")
+    export_pipeline(pipeline, repo, progress=lambda *_: None)
+    common = dict(executor="local", max_batch=16, max_in_flight=args.max_in_flight, slo_scale=args.slo_scale,
+                  profile_sizes=",".join(f"{h}x{w}" for h, w in SIZES))
+    for p in POLICIES:
+        add_engine(repo, "engine", f"engine_{p}", entry=f"txt2img_{p}", policy=p, **common)
+    traces_dir = RESULTS / "traces"
+    runs, loads = {p: [] for p in POLICIES}, [float(x) for x in args.loads.split(",")]
+    with TritonServer(repo, log_path=work / "server.log") as server:
+        for p in POLICIES:  # warm-up: each engine profiles itself when its first request arrives
+            isolated_ms(server, f"txt2img_{p}", 2, 0)
+        iso = isolated_ms(server, "txt2img_step-fcfs", args.steps, 3)
+        slo = {k: args.slo_scale * v for k, v in iso.items()}
+        capacity = 1000.0 / float(np.mean(list(iso.values())))  # req/s, equal shares, one at a time
+        print(f"[tessera] isolated ms {iso}; capacity ~{capacity:.2f} req/s", flush=True)
+        traces = []
+        for i, load in enumerate(loads):
+            tr = poisson(load * capacity, args.duration, SIZES, (1, 1, 1), args.steps, args.seed + i)
+            tr.save(traces_dir / f"slo-load{load:g}.json")
+            traces.append(tr)
+            for p in POLICIES:
+                recs = replay(server.grpc_url, f"engine_{p}", tr, slo, stream=True)
+                summary = summarize(recs, args.duration)
+                summary["load"] = load
+                summary["rate_rps"] = load * capacity
+                runs[p].append(summary)
+                print(f"load {load:.1f} {p:10s} SAR {summary['slo_attainment']:.3f} dropped {summary['dropped']} "
+                      f"rejected {summary['rejected']} failed {summary['failed']} "
+                      f"{next((r.message[:160] for r in recs if r.status == 'error'), '')}", flush=True)
+        mape = scrape(server.metrics_url, "tessera_predictor_mape", "engine_slack")
+        # Overload: 3x capacity, bounded admission: everyone answered, rejections at once.
+        over = poisson(3.0 * capacity, args.overload_s, SIZES, (1, 1, 1), args.steps, args.seed + 99)
+        over.save(traces_dir / "slo-overload3x.json")
+        recs = replay(server.grpc_url, "engine_slack", over, slo, drain_s=300, stream=True)
+        rejected = [r.latency_ms for r in recs if r.status == "rejected"]
+        overload = summarize(recs, args.overload_s) | {
+            "load": 3.0, "answered": sum(r.status != "pending" for r in recs),
+            "rejection_latency_ms_max": max(rejected) if rejected else None,
+            "rejection_latency_ms_p99": float(np.percentile(rejected, 99)) if rejected else None,
+            "server_ready_after": server.is_ready(),
+        }
+        print(f"overload 3x: {overload['requests']} sent, {overload['answered']} answered, "
+              f"{len(rejected)} rejected (max {overload['rejection_latency_ms_max']} ms), "
+              f"ready after: {overload['server_ready_after']}", flush=True)
+
+    # The simulator on the same traces, from a cost model profiled in-process with the same executors.
+    cost = _profile_in_process(repo)
+    sim_rows = []
+    for load, tr in zip(loads, traces, strict=True):
+        row = {"load": load, "real": {p: runs[p][loads.index(load)]["slo_attainment"] for p in POLICIES}}
+        row["sim"] = {n: {p: sar(simulate(tr, p, cost, slo, instances=n)) for p in POLICIES} for n in (1, 2, 4, 8)}
+        row["oracle"] = {n: float(np.mean(oracle(tr, cost, slo, instances=n))) for n in (1, 2, 4, 8)}
+        sim_rows.append(row)
+    gaps = [abs(r["sim"][1][p] - r["real"][p]) for r in sim_rows for p in POLICIES]
+
+    best = {}
+    for i, load in enumerate(loads):
+        base = runs["image-fcfs"][i]["slo_attainment"]
+        top = max(POLICIES[2:], key=lambda p: runs[p][i]["slo_attainment"])
+        best[f"{load:g}"] = {"image_fcfs": base, "best_policy": top, "best": runs[top][i]["slo_attainment"],
+                             "gain_points": 100 * (runs[top][i]["slo_attainment"] - base)}
+    config = vars(args) | {"sizes": SIZES, "shares": [1, 1, 1], "policies": POLICIES, "model": "tiny UNet",
+                           "engine": common, "isolated_ms": {f"{h}x{w}": v for (h, w), v in iso.items()},
+                           "slo_ms": {f"{h}x{w}": v for (h, w), v in slo.items()}, "capacity_rps": capacity,
+                           "baseline": "image-fcfs"}
+    write_result("slo", config, {"policies": runs, "comparison": best, "predictor_mape_out_of_sample": mape,
+                                 "overload": overload})
+    write_result("sim", config, {"rows": sim_rows, "sim_vs_real_max_abs_gap": max(gaps),
+                                 "sim_vs_real_mean_abs_gap": float(np.mean(gaps))})
+    _plots(runs, loads, sim_rows)
+    print(f"predictor MAPE (served, out of sample): {mape}; sim vs real max gap {max(gaps):.3f}")
+    return 0
+
+
+def _profile_in_process(repo: Path):
+    from transformers import CLIPTokenizer
+
+    from tessera.executors.denoise import ConcatDenoiser
+    from tessera.executors.ort import LocalComponents
+    from tessera.generation import Txt2Img
+    from tessera.profile import profile_costs
+    from tessera.spec import PipelineSpec
+
+    spec = PipelineSpec.load(repo / "engine" / "1" / "manifest.json")
+    toks = [CLIPTokenizer.from_pretrained(repo / "engine" / "1" / d) for d in spec.tokenizers]
+    comps = LocalComponents(spec, repo)
+    return profile_costs(Txt2Img(spec, comps, toks), ConcatDenoiser(comps.denoise), list(SIZES),
+                         spec.vae_scale_factor, repeats=5)
+
+
+def _plots(runs, loads, sim_rows) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for p in POLICIES:
+        ax.plot(loads, [r["slo_attainment"] for r in runs[p]], marker="o", label=p)
+    ax.set_xlabel("offered load (x capacity)")
+    ax.set_ylabel("SLO attainment")
+    ax.set_ylim(0, 1.05)
+    ax.legend()
+    ax.set_title("Real server, 3 resolutions, SLO = 5x isolated (CPU)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "slo.png", dpi=120)
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for n in (1, 2, 4, 8):
+        ax.plot(loads, [r["sim"][n]["slack"] for r in sim_rows], marker="o", label=f"slack, {n} inst.")
+        ax.plot(loads, [r["oracle"][n] for r in sim_rows], ls=":", color=ax.lines[-1].get_color())
+    ax.plot(loads, [r["real"]["slack"] for r in sim_rows], "k*", label="real server, 1 inst.")
+    ax.set_xlabel("offered load (x single-instance capacity)")
+    ax.set_ylabel("SLO attainment")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+    ax.set_title("Simulator (dotted: oracle reference)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "sim.png", dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Load generation, traces and the simulator (tools; the serving core never imports them)."""

@@ -1,0 +1,178 @@
+"""The simulator: replays a trace with the real Engine and the real policies on N virtual engine
+instances, on a virtual clock driven by the profiled cost model (no model runs). Arrivals go to the
+instance with the least predicted backlog. `oracle` gives an optimistic reference for the same trace.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, replace
+
+from ..engine import Engine, FinishReason, RequestState
+from ..executors.denoise import CallStats
+from ..request import GenerationParams
+from ..scheduler import CostModel, make_policy
+from .traces import Trace
+
+
+class VirtualClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@dataclass
+class _SimRun:
+    params: GenerationParams
+    step_index: int = 0
+
+    @property
+    def steps_left(self) -> int:
+        return self.params.num_steps - self.step_index
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= self.params.num_steps
+
+    @property
+    def timesteps(self):
+        return range(self.params.num_steps)
+
+
+class _SimPipeline:
+    def __init__(self, clock: VirtualClock, cost: CostModel):
+        self.clock, self.cost = clock, cost
+
+    def start(self, params):
+        self.clock.t += self.cost.start_s
+        return _SimRun(params)
+
+    def denoiser_inputs(self, run):
+        return run
+
+    def apply(self, run, _pred) -> None:
+        run.step_index += 1
+
+    def finish(self, run):
+        self.clock.t += self.cost.finish_s(RequestState("x", run.params, 0.0))
+        return None
+
+
+class _SimDenoiser:
+    def __init__(self, clock: VirtualClock, cost: CostModel):
+        self.clock, self.cost = clock, cost
+
+    def run(self, runs):
+        states = [RequestState("x", r.params, 0.0) for r in runs]
+        self.clock.t += self.cost.step_s(states)
+        n = len(runs)
+        return [None] * n, CallStats((n,), (len({(r.params.height, r.params.width) for r in runs}),), (n,))
+
+
+@dataclass
+class SimResult:
+    arrival_s: float
+    height: int
+    width: int
+    deadline_ms: float
+    latency_ms: float | None
+    status: str  # ok | dropped
+
+    @property
+    def met(self) -> bool:
+        return self.status == "ok" and self.latency_ms is not None and self.latency_ms <= self.deadline_ms
+
+
+def simulate(trace: Trace, policy: str, cost: CostModel, slo_ms: dict, instances: int = 1, max_batch: int = 16,
+             on_hopeless: str = "drop", round_steps: int = 5, guidance: float = 5.0) -> list[SimResult]:
+    clocks = [VirtualClock() for _ in range(instances)]
+    engines = []
+    for c in clocks:
+        sim_cost = replace(cost)  # same predictor object is fine: exact observations do not move the fit
+        pol = make_policy(policy, max_batch=max_batch, cost=sim_cost, on_hopeless=on_hopeless, round_steps=round_steps)
+        engines.append(Engine(_SimPipeline(c, sim_cost), _SimDenoiser(c, sim_cost), pol, cost=sim_cost, clock=c))
+    results: dict[str, SimResult] = {}
+    arrivals = list(enumerate(trace.requests))
+    pos = 0
+    while pos < len(arrivals) or any(e.has_work() for e in engines):
+        busy = [(clocks[i].t, i) for i, e in enumerate(engines) if e.has_work()]
+        t_next = arrivals[pos][1].t if pos < len(arrivals) else math.inf
+        if pos < len(arrivals) and (not busy or t_next <= min(busy)[0]):
+            k, r = arrivals[pos]
+            pos += 1
+            slo = slo_ms[(r.height, r.width)]
+            params = GenerationParams(r.prompt, "", r.height, r.width, r.steps, guidance, r.seed, int(slo))
+            state = RequestState(f"q{k}", params, r.t)
+            target = min(range(instances), key=lambda i: (
+                sum(cost.alone_s(s) for s in (*engines[i].waiting.values(), *engines[i].running.values())), i))
+            clocks[target].t = max(clocks[target].t, r.t)
+            engines[target].add(state)
+            results[state.request_id] = SimResult(r.t, r.height, r.width, slo, None, "pending")
+            continue
+        _, i = min(busy)
+        before = clocks[i].t
+        outs = engines[i].step(clocks[i].t, clocks[i])
+        for o in outs:
+            if o.final:
+                res = results[o.request_id]
+                res.status = "dropped" if o.finish_reason == FinishReason.DROPPED else "ok"
+                res.latency_ms = (o.done_s - o.arrival_s) * 1e3 if res.status == "ok" else None
+        if clocks[i].t == before and not outs:  # nothing could run: wait for the next arrival
+            clocks[i].t = t_next if t_next < math.inf else before + 1e-3
+    return list(results.values())
+
+
+def sar(results) -> float:
+    return sum(r.met for r in results) / len(results) if results else float("nan")
+
+
+def oracle(trace: Trace, cost: CostModel, slo_ms: dict, instances: int = 1, guidance: float = 5.0) -> list[bool]:
+    """An optimistic reference with full knowledge of arrivals: each request's work is only its
+    marginal denoising cost (per-cell term x cells x rows x steps: no per-step base cost, no prompt
+    encoding or decode), served by preemptive EDF on one machine N times as fast, rejecting (Moore-
+    Hodgson style) the largest remaining job whenever the accepted set becomes infeasible. A heuristic
+    upper reference, not a proven bound."""
+    per_cell = cost.predictor.coef[1]
+    f = cost.vae_factor
+    jobs = []
+    for r in trace.requests:
+        rows = 2 if guidance > 1 else 1
+        work = max(per_cell, 0.0) * (r.height // f) * (r.width // f) * rows * r.steps
+        jobs.append((r.t, r.t + slo_ms[(r.height, r.width)] / 1e3, work))
+    order = sorted(range(len(jobs)), key=lambda j: jobs[j][0])
+    accepted: dict[int, float] = {}  # job -> remaining work
+    on_time = [False] * len(jobs)
+    now = 0.0
+    speed = float(instances)
+
+    def run_until(t_end: float) -> None:
+        nonlocal now
+        while now < t_end and accepted:
+            j = min(accepted, key=lambda x: jobs[x][1])
+            dt = min(accepted[j] / speed, t_end - now)
+            accepted[j] -= dt * speed
+            now += dt
+            if accepted[j] <= 1e-12:
+                del accepted[j]
+                on_time[j] = now <= jobs[j][1] + 1e-9
+        now = max(now, t_end)
+
+    for j in order:
+        run_until(jobs[j][0])
+        accepted[j] = jobs[j][2]
+        while True:  # feasibility of the accepted set by EDF from now
+            t, worst = now, None
+            for x in sorted(accepted, key=lambda x: jobs[x][1]):
+                t += accepted[x] / speed
+                if t > jobs[x][1] + 1e-9:
+                    worst = x
+                    break
+            if worst is None:
+                break
+            prefix = [x for x in accepted if jobs[x][1] <= jobs[worst][1]]
+            del accepted[max(prefix, key=lambda x: accepted[x])]
+    run_until(math.inf)
+    return on_time

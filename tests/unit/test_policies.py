@@ -1,0 +1,125 @@
+"""Scheduling policies in hand-built situations (fake clock, fake cost model: no models, no server)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from tessera.engine import EngineView, RequestState
+from tessera.predictor import BatchShape, LatencyPredictor
+from tessera.request import GenerationParams
+from tessera.scheduler import POLICIES, CostModel, RoundsPolicy, SlackPolicy, make_policy
+
+
+@dataclass
+class FakeRun:
+    steps_left: int
+    step_index: int = 0
+
+
+def cost_model(per_cell=0.001, base=0.01) -> CostModel:
+    """Step = base + per_cell x (cells x rows); join 0, finish 0: easy arithmetic."""
+    p = LatencyPredictor()
+    p.coef = np.array([base, per_cell, 0.0, 0.0, 0.0])
+    return CostModel(p, vae_factor=8)
+
+
+def req(rid, size=64, steps=10, arrival=0.0, deadline=math.inf, started_steps_left=None):
+    s = RequestState(rid, GenerationParams("x", "", size, size, steps, 5.0, 0), arrival)
+    s.deadline_s = deadline
+    s.isolated_s = 1.0
+    if started_steps_left is not None:
+        s.run = FakeRun(started_steps_left, steps - started_steps_left)
+    return s
+
+
+def test_cost_finish_times_shrinking_batch():
+    cost = cost_model()
+    # 64px -> 8x8 cells, CFG rows 2 -> 128 cells: step alone 0.01 + 0.128 = 0.138 s
+    a = req("a", started_steps_left=2)
+    b = req("b", started_steps_left=5)
+    ft = cost.finish_times([a, b], 0.0)
+    both = 0.01 + 0.256
+    assert ft["a"] == pytest.approx(2 * both)
+    assert ft["b"] == pytest.approx(2 * both + 3 * 0.138)
+
+
+def test_slack_refuses_admission_that_makes_active_request_late():
+    cost = cost_model()
+    active = req("a", started_steps_left=10, deadline=10 * 0.138 + 0.5)  # on time alone (1.88 s)
+    newcomer = req("n", steps=10, deadline=100.0)  # relaxed itself, but would slow "a" to 2.66 s
+    view = EngineView((newcomer,), (active,))
+    plan = SlackPolicy(cost=cost, relaxed_slack=1e9).schedule(view, 0.0)
+    assert plan.join == () and plan.advance == ("a",)
+    roomy = req("a", started_steps_left=10, deadline=5.0)
+    plan = SlackPolicy(cost=cost, relaxed_slack=1e9).schedule(EngineView((newcomer,), (roomy,)), 0.0)
+    assert plan.join == ("n",) and plan.advance == ("a", "n")
+
+
+def test_slack_least_slack_first_and_throughput_mode():
+    cost = cost_model()
+    loose = req("loose", deadline=50.0, arrival=0.0)
+    tight = req("tight", deadline=2.0, arrival=0.1)
+    policy = SlackPolicy(max_batch=1, cost=cost, relaxed_slack=100.0)
+    assert policy.schedule(EngineView((loose, tight), ()), 0.2).join == ("tight",)
+    relaxed = SlackPolicy(max_batch=1, cost=cost, relaxed_slack=0.1)  # everyone's slack > 0.1: FCFS
+    assert relaxed.schedule(EngineView((loose, tight), ()), 0.2).join == ("loose",)
+
+
+def test_hopeless_dropped_with_reason_or_degraded():
+    cost = cost_model()
+    hopeless = req("h", steps=20, deadline=1.0)  # 20 x 0.138 = 2.76 s alone > 1 s
+    plan = SlackPolicy(cost=cost).schedule(EngineView((hopeless,), ()), 0.0)
+    assert plan.join == () and len(plan.drop) == 1
+    rid, reason = plan.drop[0]
+    assert rid == "h" and reason.startswith("deadline cannot be met: predicted finish 2760 ms")
+    plan = SlackPolicy(cost=cost, on_hopeless="degrade", min_steps=4).schedule(EngineView((hopeless,), ()), 0.0)
+    assert plan.drop == () and plan.degrade == (("h", 7),) and plan.join == ("h",)  # 7 x 0.138 <= 1 s
+    too_tight = req("t", steps=20, deadline=0.3)  # 2 steps would fit: below the floor of 4
+    plan = SlackPolicy(cost=cost, on_hopeless="degrade", min_steps=4).schedule(EngineView((too_tight,), ()), 0.0)
+    assert [d[0] for d in plan.drop] == ["t"]
+
+
+def test_rounds_replans_only_at_boundaries_and_pauses_to_save_deadlines():
+    cost = cost_model()
+    late_maker = req("big", size=128, started_steps_left=20, deadline=100.0)  # 16x16 cells: slow step
+    urgent = req("u", steps=5, deadline=5 * 0.138 + 0.05)  # on time only if it runs alone
+    view = EngineView((urgent,), (late_maker,), step_no=10, last_advance=frozenset({"big"}))
+    plan = RoundsPolicy(cost=cost, round_steps=5).schedule(view, 0.0)
+    assert plan.join == ("u",) and plan.advance == ("u",), "the big request pauses for this round"
+    mid = EngineView((urgent,), (late_maker,), step_no=11, last_advance=frozenset({"big"}))
+    plan = RoundsPolicy(cost=cost, round_steps=5).schedule(mid, 0.0)
+    assert plan.join == () and plan.advance == ("big",), "no change between round boundaries"
+
+
+def test_predictor_fits_and_reports_out_of_sample_error():
+    rng = np.random.default_rng(0)
+    truth = lambda sh: 0.004 + 0.0002 * sh.features()[1] + 0.001 * sh.features()[3]  # noqa: E731
+    shapes = [BatchShape(tuple((int(rng.choice([8, 16])), 8, 2) for _ in range(rng.integers(1, 6))))
+              for _ in range(60)]
+    p = LatencyPredictor(refit_every=8)
+    p.fit([(s, truth(s)) for s in shapes[:20]])
+    for s in shapes[20:]:
+        p.observe(s, truth(s) * (1 + rng.normal(0, 0.02)))
+    assert p.mape is not None and p.mape < 0.05
+    assert p.predict(shapes[0]) == pytest.approx(truth(shapes[0]), rel=0.05)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_policy_contract(name):
+    """Every policy: advances only running or joining ids, respects the batch budget, joins only
+    waiting ids, and never both drops and advances an id."""
+    cost = cost_model()
+    policy = make_policy(name, max_batch=3, cost=cost)
+    running = tuple(req(f"r{i}", started_steps_left=5, deadline=50.0) for i in range(2))
+    waiting = tuple(req(f"w{i}", deadline=50.0 if i % 2 else 0.5, arrival=0.01 * i) for i in range(4))
+    plan = policy.schedule(EngineView(waiting, running, step_no=0, last_advance=frozenset()), 0.0)
+    waiting_ids = {s.request_id for s in waiting}
+    running_ids = {s.request_id for s in running}
+    assert set(plan.join) <= waiting_ids
+    assert set(plan.advance) <= running_ids | set(plan.join)
+    assert len(plan.advance) <= 3
+    assert not {d for d, _ in plan.drop} & set(plan.advance)
