@@ -103,6 +103,46 @@ def _cmd_quality(a: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_sizes(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]  # type: ignore[misc]
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    import json
+
+    from .bench.loadgen import replay, summarize
+    from .bench.traces import Trace, bursty, poisson, write_perf_analyzer_inputs
+
+    sizes = _parse_sizes(a.sizes)
+    shares = [float(x) for x in a.shares.split(",")] if a.shares else [1.0] * len(sizes)
+    if a.trace_in:
+        trace = Trace.load(a.trace_in)
+    elif a.bursty:
+        lo, hi = (float(x) for x in a.bursty.split(","))
+        trace = bursty(lo, hi, sizes, shares, a.steps, a.seed)
+    else:
+        trace = poisson(a.rate, a.duration, sizes, shares, a.steps, a.seed)
+    if a.trace_out:
+        trace.save(a.trace_out)
+    slo = {s: float(a.slo_ms) for s in sizes}
+    if a.perf_analyzer:
+        paths = write_perf_analyzer_inputs(trace, a.perf_analyzer, slo)
+        print(f"[tessera] perf_analyzer inputs: {paths[0]} {paths[1]}")
+        return 0
+    duration = max((r.t for r in trace.requests), default=0.0)
+    records = replay(a.url, a.model, trace, slo, stream=a.stream)
+    summary = summarize(records, duration)
+    raw = summary.pop("raw")
+    print(json.dumps(summary, indent=2))
+    if a.out:
+        from .results import write_result
+
+        out = Path(a.out)
+        config = {"model": a.model, "trace": trace.params, "kind": trace.kind, "slo_ms": a.slo_ms}
+        write_result(out.stem, config, summary | {"raw": raw}, out.parent)
+    return 0
+
+
 def _single_thread() -> None:
     import torch
 
@@ -172,6 +212,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stages", default="evaluator,vae,heavy,light")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(fn=_cmd_train_reference)
+
+    bn = sub.add_parser("bench", help="open-loop load generator (Poisson or bursty), SLO attainment report")
+    bn.add_argument("--url", default="127.0.0.1:8001", help="gRPC address")
+    bn.add_argument("--model", default="txt2img")
+    bn.add_argument("--stream", action="store_true", help="one gRPC stream to a decoupled model (the engine)")
+    bn.add_argument("--rate", type=float, default=1.0, help="Poisson arrivals per second")
+    bn.add_argument("--duration", type=float, default=30.0)
+    bn.add_argument("--bursty", default=None, help="LOW,HIGH QPS band: Azure-shaped bursty trace instead")
+    bn.add_argument("--sizes", default="128x128,128x256,256x256", help="HxW,...")
+    bn.add_argument("--shares", default=None, help="relative shares of the sizes (default equal)")
+    bn.add_argument("--steps", type=int, default=20)
+    bn.add_argument("--slo-ms", type=float, default=5000.0, help="deadline sent with every request")
+    bn.add_argument("--seed", type=int, default=0)
+    bn.add_argument("--trace-out", default=None)
+    bn.add_argument("--trace-in", default=None)
+    bn.add_argument("--perf-analyzer", default=None, help="write perf_analyzer input files to DIR and exit")
+    bn.add_argument("--out", default=None, help="result JSON path")
+    bn.set_defaults(fn=_cmd_bench)
 
     q = sub.add_parser("quality", help="quality metrics of served settings vs the heavy full-step reference")
     q.add_argument("--models", default="quality_models", help="heavy/, light/, evaluator.pt")

@@ -78,3 +78,29 @@ def bursty(low: float, high: float, sizes, shares, steps: int, seed: int, shape=
     return Trace("bursty", {"qps_band": [low, high], "hours": len(shape), "seconds_per_hour": seconds_per_hour,
                             "sizes": [list(x) for x in sizes], "shares": list(shares), "steps": steps, "seed": seed},
                  tuple(reqs))
+
+
+def write_perf_analyzer_inputs(trace: Trace, out_dir: str | Path, slo_ms: dict | None = None,
+                               guidance: float = 5.0) -> tuple[Path, Path]:
+    """perf_analyzer files for the same trace: `input_data.json` (one entry per request, in order) and
+    `intervals.txt` (inter-arrival gaps in microseconds, for --request-intervals)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = []
+    for r in trace.requests:
+        entry = {
+            "prompt": {"content": [r.prompt], "shape": [1]},
+            "height": {"content": [r.height], "shape": [1]},
+            "width": {"content": [r.width], "shape": [1]},
+            "steps": {"content": [r.steps], "shape": [1]},
+            "guidance_scale": {"content": [guidance], "shape": [1]},
+            "seed": {"content": [r.seed], "shape": [1]},
+        }
+        if slo_ms:
+            entry["slo_ms"] = {"content": [int(slo_ms[(r.height, r.width)])], "shape": [1]}
+        data.append(entry)
+    (out / "input_data.json").write_text(json.dumps({"data": data}))
+    times = [r.t for r in trace.requests]
+    gaps = [times[0]] + [b - a for a, b in zip(times, times[1:], strict=False)]
+    (out / "intervals.txt").write_text("\n".join(str(int(g * 1e6)) for g in gaps) + "\n")
+    return out / "input_data.json", out / "intervals.txt"
