@@ -14,9 +14,9 @@ from tessera.quality.metrics import paired
 
 pytestmark = pytest.mark.integration
 MODELS = Path(__file__).resolve().parents[2] / "quality_models"
-# Calibrated on the committed heavy model (perf/results/quality-baseline.json: heavy-10 vs heavy-50).
-MIN_PSNR_DB = 28.0
-MIN_SSIM = 0.85
+# Calibrated on the committed heavy model through the server (quality.md suggests >= 33 dB for 10 steps).
+MIN_PSNR_DB = 33.0  # measured: 10 steps 39.6 dB, 2 steps 26.7 dB (48 prompts, seed 0)
+MIN_SSIM = 0.95  # measured: 10 steps 0.990, 2 steps 0.905
 
 
 def passes(fid: dict) -> bool:
