@@ -99,7 +99,7 @@ def _cmd_train_reference(a: argparse.Namespace) -> int:
 def _cmd_quality(a: argparse.Namespace) -> int:
     from .quality.harness import run_quality
 
-    run_quality(a.models, name=a.name, out_dir=a.out, inception=not a.no_inception)
+    run_quality(a.models, name=a.name, out_dir=a.out, inception=not a.no_inception, feature_threads=a.feature_threads)
     return 0
 
 
@@ -236,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--name", default="baseline")
     q.add_argument("--out", default="perf/results")
     q.add_argument("--no-inception", action="store_true", help="skip Inception FID/KID (slowest features)")
+    q.add_argument("--feature-threads", type=int, default=1, help="torch threads for feature extraction")
     q.set_defaults(fn=_cmd_quality)
     return p
 

@@ -123,20 +123,19 @@ def inception():
 
 
 @torch.no_grad()
-def efficientnet_features(images: np.ndarray, batch: int = 64) -> np.ndarray:
-    net = efficientnet()
+def _resized_features(fn, images: np.ndarray, size: int, batch: int) -> np.ndarray:
+    """fn(x01 [B, 3, size, size]) -> [B, d], over `images` in batches (bilinear resize first)."""
     out = []
     for i in range(0, len(images), batch):
-        x = F.interpolate(_to01(images[i : i + batch]), size=(224, 224), mode="bilinear", align_corners=False)
-        out.append(net.features(x).numpy())
+        x = F.interpolate(_to01(images[i : i + batch]), size=(size, size), mode="bilinear", align_corners=False)
+        out.append(fn(x).numpy())
     return np.concatenate(out)
 
 
-@torch.no_grad()
+def efficientnet_features(images: np.ndarray, batch: int = 64) -> np.ndarray:
+    return _resized_features(efficientnet().features, images, 224, batch)
+
+
 def inception_features(images: np.ndarray, batch: int = 32) -> np.ndarray:
     net = inception()
-    out = []
-    for i in range(0, len(images), batch):
-        x = F.interpolate(_to01(images[i : i + batch]), size=(299, 299), mode="bilinear", align_corners=False)
-        out.append(net(x * (0.9921875 + 1) - 1).numpy())  # fid-helper's "TF" input range
-    return np.concatenate(out)
+    return _resized_features(lambda x: net(x * (0.9921875 + 1) - 1), images, 299, batch)  # fid-helper's "TF" range

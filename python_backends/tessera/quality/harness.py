@@ -134,7 +134,8 @@ class Bar:
 
 
 def run_quality(models_dir: str | Path, name: str = "baseline", settings=BASELINE, size=(64, 64),
-                out_dir: str | Path = "perf/results", inception: bool = True, inprocess_check: int = 48) -> dict:
+                out_dir: str | Path = "perf/results", inception: bool = True, inprocess_check: int = 48,
+                feature_threads: int = 1) -> dict:
     import torch
 
     from ..results import write_result
@@ -168,6 +169,7 @@ def run_quality(models_dir: str | Path, name: str = "baseline", settings=BASELIN
     real_a = (real_a * 255).round().astype(np.uint8)
     real_b = (real_b * 255).round().astype(np.uint8)
 
+    torch.set_num_threads(feature_threads)  # the server is stopped by now: features may use more cores
     evaluator = load_evaluator(models_dir / "evaluator.pt")
     spaces = {"evaluator": lambda x: evaluator_features(evaluator, x)[0], "efficientnet": efficientnet_features}
     if inception:
