@@ -102,6 +102,9 @@ class TritonPythonModel:
         self.lock = threading.Lock()
         self.ids = itertools.count()
         self._metrics()
+        if self.config.executor == "local":  # no BLS involved: profile now, before serving
+            prepare()
+            prepare = None
         self.loop = EngineLoop(self.engine, self._sink, self._is_cancelled,
                                max_in_flight=self.config.max_in_flight, prepare=prepare).start()
         log.info("[tessera] loaded %s: family=%s %s", self.name, self.spec.family, self.config)
