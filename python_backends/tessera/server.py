@@ -139,7 +139,8 @@ class TritonServer:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
         log.info("[tessera] starting tritonserver: %s", " ".join(cmd))
         self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         try:
             self.wait_ready(timeout_s)
@@ -219,6 +220,17 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM tritonserver if the launching process dies without stop()
+    (a killed benchmark or test run must not leave a server and its stubs behind)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def _group_members(pgid: int) -> list[int]:

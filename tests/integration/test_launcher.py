@@ -39,3 +39,24 @@ def test_serve_cli_exits_nonzero_on_failed_load(broken_repo):
     )
     assert proc.returncode != 0
     assert "model.onnx" in proc.stderr
+
+
+def test_server_dies_with_a_killed_launcher(repo, tmp_path):
+    """A launcher killed without stop() (SIGKILL) must not leave tritonserver or its stubs behind."""
+    import time
+
+    small = tmp_path / "small"
+    shutil.copytree(repo / "text_encoder", small / "text_encoder")
+    script = (
+        "import os, sys\n"
+        "from tessera.server import TritonServer\n"
+        f"s = TritonServer({str(small)!r}, exit_timeout_s=5); s.start()\n"
+        "print(s.proc.pid, flush=True)\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    pgid = int(proc.stdout.split()[0])
+    deadline = time.monotonic() + 60
+    while _group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _group_members(pgid) == []
