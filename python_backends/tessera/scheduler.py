@@ -88,7 +88,8 @@ class _DeadlinePolicy:
         return now_s + self.cost.alone_s(s) > s.deadline_s
 
     def triage(self, view: EngineView, now_s: float):
-        """(waiting kept, running kept, drop, degrade) after removing or shortening hopeless requests."""
+        """(waiting kept, running kept, drop, degrade) after removing or shortening hopeless requests;
+        degraded waiting requests are returned as view copies with their fewer steps."""
         drop, degrade, waiting, running = [], [], [], []
         for s in view.waiting:
             if not self.hopeless(s, now_s):
@@ -105,6 +106,8 @@ class _DeadlinePolicy:
                 drop.append((s.request_id, self._reason(s, now_s)))
             else:
                 running.append(s)
+        shorter = dict(degrade)
+        waiting = [_with_steps(s, shorter[s.request_id]) if s.request_id in shorter else s for s in waiting]
         return waiting, running, tuple(drop), tuple(degrade)
 
     def _fitting_steps(self, s: RequestState, now_s: float) -> int:
@@ -116,9 +119,6 @@ class _DeadlinePolicy:
         finish_ms = (now_s + self.cost.alone_s(s) - s.arrival_s) * 1e3
         return (f"deadline cannot be met: predicted finish {finish_ms:.0f} ms after arrival even if run alone, "
                 f"deadline {(s.deadline_s - s.arrival_s) * 1e3:.0f} ms")
-
-    def _steps(self, s: RequestState, degrade: dict[str, int]) -> RequestState:
-        return s if s.request_id not in degrade else _with_steps(s, degrade[s.request_id])
 
 
 def _with_steps(s: RequestState, steps: int) -> RequestState:
@@ -170,8 +170,6 @@ class SlackPolicy(_DeadlinePolicy):
 
     def schedule(self, view: EngineView, now_s: float) -> StepPlan:
         waiting, running, drop, degrade = self.triage(view, now_s)
-        shorter = dict(degrade)
-        waiting = [self._steps(s, shorter) for s in waiting]
         batch = list(running)
         everyone = batch + waiting
         relaxed = everyone and min(self.slack(s, now_s) for s in everyone) > self.relaxed_slack
@@ -211,8 +209,7 @@ class RoundsPolicy(_DeadlinePolicy):
             keep = tuple(s.request_id for s in view.running if s.request_id in view.last_advance)
             return StepPlan((), keep)
         waiting, running, drop, degrade = self.triage(view, now_s)
-        shorter = dict(degrade)
-        candidates = sorted(running + [self._steps(s, shorter) for s in waiting], key=lambda s: s.deadline_s)
+        candidates = sorted(running + waiting, key=lambda s: s.deadline_s)
         chosen: list[RequestState] = []
         for s in candidates:  # EDF packing: keep a member only if everyone chosen stays on time
             if len(chosen) >= self.max_batch:

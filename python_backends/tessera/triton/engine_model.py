@@ -153,7 +153,12 @@ class TritonPythonModel:
         mape = self.cost.predictor.mape
         if mape is not None:
             self.m_mape.set(mape)
-        for r in [r for r in self.engine.records if r.step_no >= self._seen_records]:
+        fresh = []
+        for r in reversed(self.engine.records):  # newest first: stop at the first record already seen
+            if r.step_no < self._seen_records:
+                break
+            fresh.append(r)
+        for r in reversed(fresh):
             self.m_engine_steps.increment(1)
             self.m_calls.increment(r.denoiser_calls)
             self.m_rows.increment(sum(r.batch_per_call))
