@@ -24,7 +24,9 @@ from tessera.errors import ExportError, RuntimeUnavailableError
 from tessera.inputs import Limits
 from tessera.spec import PipelineSpec
 from tessera.config import EngineConfig
-from tessera.wire import ENGINE_MODEL, ENTRY_INPUTS, ENTRY_MAX_BATCH, ENTRY_MODEL, OUTPUT_IMAGE, STREAM_INPUTS
+from tessera.wire import (
+    ENGINE_MODEL, ENTRY_INPUTS, ENTRY_MAX_BATCH, ENTRY_MODEL, OUTPUT_IMAGE, OUTPUT_STEPS, STREAM_INPUTS,
+)
 
 from .onnx_export import OPSET, ComponentExport, export_component, plan_components
 from .tiny import load_pipeline
@@ -118,7 +120,7 @@ def _engine_config(name: str, config: EngineConfig) -> str:
     """The decoupled engine: the entry inputs plus optional streaming flags; image, step, preview out."""
     ins = [(s.name, f"TYPE_{s.triton_type}", [1], s.optional, False) for s in ENTRY_INPUTS]
     ins += [(n, "TYPE_BOOL", [1], True, False) for n in STREAM_INPUTS]
-    outs = [(OUTPUT_IMAGE, "TYPE_UINT8", [-1, -1, 3], False, False), ("step", "TYPE_INT32", [1], False, False),
+    outs = [(OUTPUT_IMAGE, "TYPE_UINT8", [-1, -1, 3], False, False), (OUTPUT_STEPS, "TYPE_INT32", [1], False, False),
             ("preview", "TYPE_UINT8", [-1, -1, 3], False, False)]
     return (
         f'name: "{name}"\nbackend: "python"\nmax_batch_size: {ENTRY_MAX_BATCH}\n'
@@ -132,7 +134,7 @@ def _engine_config(name: str, config: EngineConfig) -> str:
 def _entry_config(name: str, engine: str, max_in_flight: int) -> str:
     """The non-decoupled facade for plain clients: same inputs, one image out."""
     ins = [(s.name, f"TYPE_{s.triton_type}", [1], s.optional, False) for s in ENTRY_INPUTS]
-    outs = [(OUTPUT_IMAGE, "TYPE_UINT8", [-1, -1, 3], False, False)]
+    outs = [(OUTPUT_IMAGE, "TYPE_UINT8", [-1, -1, 3], False, False), (OUTPUT_STEPS, "TYPE_INT32", [1], False, False)]
     return (
         f'name: "{name}"\nbackend: "python"\nmax_batch_size: {ENTRY_MAX_BATCH}\n'
         + _io_block("input", ins) + _io_block("output", outs)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .wire import ENTRY_INPUTS, ENTRY_MODEL, OUTPUT_IMAGE, client_datatype
+from .wire import ENTRY_INPUTS, ENTRY_MODEL, OUTPUT_IMAGE, OUTPUT_STEPS, client_datatype
 
 PROTOCOLS = ("http", "grpc")
 _SPECS = {s.name: s for s in ENTRY_INPUTS}
@@ -32,6 +32,7 @@ def request_arrays(
     seed: int | list[int] = 0,
     negative_prompt: str | list[str] | None = None,
     slo_ms: int | None = None,
+    early_exit: bool | None = None,
 ) -> dict[str, np.ndarray]:
     """The entry model's input tensors ([batch, 1] each) for one request."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -54,6 +55,8 @@ def request_arrays(
         arrays["negative_prompt"] = col([s.encode() for s in negs], np.object_)
     if slo_ms is not None:
         arrays["slo_ms"] = col([slo_ms] * n, np.int32)
+    if early_exit is not None:
+        arrays["early_exit"] = col([early_exit] * n, np.bool_)
     return arrays
 
 
@@ -86,10 +89,17 @@ def infer_image(
     client, protocol: str, arrays: Mapping[str, np.ndarray], model: str = ENTRY_MODEL, timeout_s: float | None = None
 ) -> np.ndarray:
     """Send one request and return the image tensor [batch, H, W, 3] uint8 (raises InferenceServerException)."""
+    return infer(client, protocol, arrays, model, timeout_s)[0]
+
+
+def infer(
+    client, protocol: str, arrays: Mapping[str, np.ndarray], model: str = ENTRY_MODEL, timeout_s: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Send one request: (image [batch, H, W, 3] uint8, steps run [batch] int32)."""
     m = _module(protocol)
-    outputs = [m.InferRequestedOutput(OUTPUT_IMAGE)]
+    outputs = [m.InferRequestedOutput(OUTPUT_IMAGE), m.InferRequestedOutput(OUTPUT_STEPS)]
     kw = {}
     if timeout_s is not None and protocol == "grpc":
         kw["client_timeout"] = timeout_s
     result = client.infer(model, infer_inputs(protocol, arrays), outputs=outputs, **kw)
-    return result.as_numpy(OUTPUT_IMAGE)
+    return result.as_numpy(OUTPUT_IMAGE), result.as_numpy(OUTPUT_STEPS).reshape(-1)

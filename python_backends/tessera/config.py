@@ -41,6 +41,17 @@ class EngineConfig:
     """Degrade never goes below this many steps (or the steps asked, if fewer)."""
     round_steps: int = 5
     """rounds: re-plan every this many engine steps."""
+    early_exit: str = "off"
+    """Entropy early exit for requests that do not say (their `early_exit` input overrides): off, on."""
+    exit_epsilon: float = 0.002
+    """Early exit: stop when |H_t - H_t-1| of the predicted clean latent's entropy stays below this..."""
+    exit_window: int = 2
+    """... for this many consecutive steps."""
+    exit_min_fraction: float = 0.3
+    """Early exit never ends a request before max(min_steps, this fraction of its steps)."""
+    last_step: str = "x0"
+    """How an early-stopped request ends: jump (one more step straight to t=0), x0 (decode the predicted
+    clean latent), none (decode the noisy latent; ablation only)."""
     profile_sizes: str = ""
     """Start-up profile sizes, 'HxW,HxW'; empty = min, 2x and 4x the minimum size, plus one non-square."""
 
@@ -55,6 +66,9 @@ class EngineConfig:
             )
         if not 0 <= self.tile_overlap < self.tile_size:
             raise ConfigError(f"tile_overlap: allowed [0, tile_size={self.tile_size}), got {self.tile_overlap}")
+        if self.early_exit not in ("off", "on"):
+            raise ConfigError(f"early_exit: unknown value; allowed off, on, got {self.early_exit!r}")
+        self.exit_rule()  # validates exit_* and last_step
         if self.on_hopeless not in ("drop", "degrade"):
             raise ConfigError(f"on_hopeless: unknown value; allowed drop, degrade, got {self.on_hopeless!r}")
         if not self.slo_scale > 0:
@@ -62,6 +76,11 @@ class EngineConfig:
         for name in ("max_batch", "max_in_flight", "intra_op_threads", "tile_size", "min_steps", "round_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: allowed >= 1, got {getattr(self, name)}")
+
+    def exit_rule(self):
+        from .early_exit import ExitRule
+
+        return ExitRule(self.exit_epsilon, self.exit_window, self.exit_min_fraction, self.min_steps, self.last_step)
 
     def sizes(self) -> list[tuple[int, int]]:
         out = []

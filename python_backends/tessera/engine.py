@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .early_exit import ExitRule
 from .errors import TesseraError
 from .generation import RequestRun, Txt2Img
 from .request import GenerationParams
@@ -55,6 +56,8 @@ class RequestState:
     isolated_s: float = 0.0  # predicted latency of this request alone (k x isolated is the default SLO)
     asked_steps: int | None = None  # set when degraded: the steps the client asked for
     slack_at_join: float | None = None  # (deadline - join - predicted remaining) / isolated
+    early_exit: bool = False  # resolved at add: the request's choice, else the server's default
+    exited: bool = False  # stopped by the entropy rule
     joined_s: float | None = None
     step_s: list[float] = field(default_factory=list)  # end time of each step
     done_s: float | None = None
@@ -86,6 +89,8 @@ class RequestOutput:
     deadline_s: float | None = None
     slack_at_join: float | None = None
     size: tuple[int, int] | None = None  # (height, width) in pixels
+    asked_steps: int | None = None  # the steps the client asked for (step_index: the steps that ran)
+    exited: bool = False  # ended early by the entropy rule
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +98,8 @@ class StepPlan:
     join: tuple[str, ...]  # waiting requests that start now
     advance: tuple[str, ...]  # requests that take a step now (joining ones included)
     drop: tuple[tuple[str, str], ...] = ()  # (request id, reason): answered at once, never run
-    degrade: tuple[tuple[str, int], ...] = ()  # (waiting request id, fewer steps) applied before joining
+    degrade: tuple[tuple[str, int], ...] = ()  # (request id, fewer total steps): waiting ones re-spaced before
+    # joining; running ones end after that many steps with "one last step" straight to t = 0
 
     @classmethod
     def make_empty(cls) -> StepPlan:
@@ -131,8 +137,11 @@ class EngineView:
 
 class Engine:
     def __init__(self, pipeline: Txt2Img, denoiser, policy, history: int = 10_000, cost=None,
-                 slo_scale: float = 5.0, clock=time.monotonic):
+                 slo_scale: float = 5.0, clock=time.monotonic, exit_rule: ExitRule | None = None,
+                 early_exit: bool = False):
         self.pipeline = pipeline
+        self.exit_rule = exit_rule or ExitRule()  # early exit: the server's rule
+        self.early_exit = early_exit  # ... and whether it applies to requests that do not say
         self.denoiser = denoiser
         self.policy = policy
         self.cost = cost  # scheduler.CostModel: predicted step/join/finish times (None: no deadlines)
@@ -149,6 +158,8 @@ class Engine:
         """Queue a request; its deadline is its slo_ms, else slo_scale x its predicted isolated latency."""
         if state.request_id in self.waiting or state.request_id in self.running:
             raise ValueError(f"request_id: already in flight, got {state.request_id!r}")
+        choice = state.params.early_exit
+        state.early_exit = self.early_exit if choice is None else bool(choice)
         if self.cost is not None:
             state.isolated_s = self.cost.isolated_s(state)
         if state.params.slo_ms is not None:
@@ -192,6 +203,9 @@ class Engine:
             if state is not None and steps < state.params.num_steps:
                 state.asked_steps = state.asked_steps or state.params.num_steps
                 state.params = replace(state.params, num_steps=steps)
+            elif (state := self.running.get(rid)) is not None and state.step_index < steps < len(state.run.timesteps):
+                state.asked_steps = state.asked_steps or state.params.num_steps
+                self.pipeline.truncate(state.run, steps, clean=True)
         # (2) join: encode prompts, draw seeded noise
         for rid in plan.join:
             state = self.waiting.pop(rid)
@@ -229,6 +243,7 @@ class Engine:
         # (4) per-request sampler update; (5) progress, finish
         for s, pred in zip(advancing, preds, strict=True):
             self.pipeline.apply(s.run, pred)
+            self._early_exit(s)
         measured = self.clock() - t_step
         if shape is not None:
             self.cost.predictor.observe(shape, measured)
@@ -260,6 +275,16 @@ class Engine:
         self.step_no += 1
         return outputs
 
+    def _early_exit(self, s: RequestState) -> None:
+        """(4b) The entropy rule: a request whose predicted clean latent has settled ends now, or after one
+        last step straight to t = 0 (ExitRule.last_step)."""
+        run, rule = s.run, self.exit_rule
+        if not s.early_exit or run.done or run.jump_last or not rule.should_stop(run.entropies, s.params.num_steps):
+            return
+        s.exited = True
+        total = run.step_index + (1 if rule.last_step == "jump" else 0)
+        self.pipeline.truncate(run, total, clean=rule.last_step != "none")
+
     def _warn_drop(self, rid: str, reason: str, now_s: float) -> None:
         """WARNING for drops, at most one line per second (with the count since the last line)."""
         self._drops_unlogged = getattr(self, "_drops_unlogged", 0) + 1
@@ -270,5 +295,5 @@ class Engine:
     def _final(self, s: RequestState, reason: FinishReason, image=None, error=None) -> RequestOutput:
         return RequestOutput(
             s.request_id, True, s.step_index, s.params.num_steps, image, error, reason, s.arrival_s, s.done_s,
-            s.deadline_s, s.slack_at_join, s.size,
+            s.deadline_s, s.slack_at_join, s.size, s.asked_steps or s.params.num_steps, s.exited,
         )

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .early_exit import gaussian_entropy
 from .executors.base import Components
 from .request import GenerationParams
 from .spec import PipelineSpec
@@ -40,6 +41,9 @@ class RequestRun:
     timesteps: torch.Tensor  # the sampler's timesteps, in order
     step_index: int = 0  # steps done
     step_times_s: list[float] = field(default_factory=list)
+    x0: torch.Tensor | None = None  # the predicted clean latent of the last step
+    entropies: list[float] = field(default_factory=list)  # early_exit.gaussian_entropy(x0) after each step
+    jump_last: bool = False  # the last scheduled step's update goes straight to t = 0 (latent := x0)
 
     @property
     def steps_left(self) -> int:
@@ -123,8 +127,33 @@ class Txt2Img:
             uncond, cond = pred.chunk(2)
             pred = uncond + run.params.guidance_scale * (cond - uncond)
         t = run.timesteps[run.step_index]
-        run.latents = run.sampler.step(pred, t, run.latents, return_dict=False)[0]
+        sigma = self._flow_sigma(run)
+        out = run.sampler.step(pred, t, run.latents, return_dict=True)
+        x0 = getattr(out, "pred_original_sample", None)
+        if x0 is None:  # flow matching: x_t = (1 - s) x0 + s noise, the model predicts noise - x0
+            x0 = run.latents - sigma * pred
+        run.x0 = x0
+        run.entropies.append(gaussian_entropy(x0.numpy()))
+        run.latents = out.prev_sample
         run.step_index += 1
+        if run.jump_last and run.done:
+            run.latents = x0
+
+    def _flow_sigma(self, run: RequestRun) -> float:
+        sigmas = getattr(run.sampler, "sigmas", None)
+        return float(sigmas[run.step_index]) if self.spec.family == "sd3" and sigmas is not None else 0.0
+
+    def truncate(self, run: RequestRun, total: int, clean: bool = True) -> None:
+        """End `run` after `total` steps (never fewer than already done). clean: "one last step" -- the
+        last step's update goes straight to t = 0 (its predicted clean latent is decoded); if that step
+        is already done, the latent becomes its x0 now. Not clean: the noisy latent is decoded as is."""
+        total = max(total, run.step_index)
+        if total >= len(run.timesteps):
+            return
+        run.timesteps = run.timesteps[:total]
+        run.jump_last = clean
+        if run.done and clean and run.x0 is not None:
+            run.latents = run.x0
 
     def step(self, run: RequestRun) -> None:
         self.apply(run, self.components.denoise(self.denoiser_inputs(run)))

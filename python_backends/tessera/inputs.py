@@ -140,7 +140,8 @@ def parse_request(
         slo_ms = None
         if "slo_ms" in values:
             slo_ms = _int_in("slo_ms", values["slo_ms"][i], 1, limits.max_slo_ms)
-        out.append(GenerationParams(prompt, negative, height, width, steps, guidance, seed, slo_ms))
+        early_exit = bool(values["early_exit"][i]) if "early_exit" in values else None
+        out.append(GenerationParams(prompt, negative, height, width, steps, guidance, seed, slo_ms, early_exit))
     sizes = {(p.height, p.width) for p in out}
     if len(sizes) > 1:
         raise InvalidInputError(

@@ -15,6 +15,7 @@ class GenerationParams:
     guidance_scale: float
     seed: int
     slo_ms: int | None = None  # deadline relative to arrival; recorded now, used by the scheduler
+    early_exit: bool | None = None  # entropy early exit for this request; None: the server's default
 
     @property
     def do_cfg(self) -> bool:

@@ -77,7 +77,8 @@ def _on_time(cost: CostModel, states, now_s: float, must: set[str]) -> bool:
 
 
 class _DeadlinePolicy:
-    """Shared by slack and rounds: hopeless handling (drop, or degrade to fewer steps at join)."""
+    """Shared by slack and rounds: hopeless handling (drop, or degrade to fewer steps: re-spaced at join,
+    cut short with one last step while running)."""
 
     def __init__(self, max_batch: int, cost: CostModel, on_hopeless: str = "drop", min_steps: int = 4):
         if on_hopeless not in HOPELESS:
@@ -102,17 +103,26 @@ class _DeadlinePolicy:
             else:
                 drop.append((s.request_id, self._reason(s, now_s)))
         for s in view.running:
-            if self.hopeless(s, now_s) and self.on_hopeless == "drop":
-                drop.append((s.request_id, self._reason(s, now_s)))
-            else:
+            if not self.hopeless(s, now_s):
                 running.append(s)
+                continue
+            # Degrade a running request: its remaining steps lowered to what the deadline allows, the
+            # last one straight to t = 0 (never below the floor; below it, it is dropped like a waiting one).
+            total = s.step_index + max(self._fitting_steps(s, now_s, joined=True), 1)
+            if self.on_hopeless == "degrade" and total >= min(self.min_steps, s.params.num_steps):
+                if total < s.step_index + s.steps_left:
+                    degrade.append((s.request_id, total))
+                running.append(s)
+            else:
+                drop.append((s.request_id, self._reason(s, now_s)))
         shorter = dict(degrade)
         waiting = [_with_steps(s, shorter[s.request_id]) if s.request_id in shorter else s for s in waiting]
         return waiting, running, tuple(drop), tuple(degrade)
 
-    def _fitting_steps(self, s: RequestState, now_s: float) -> int:
+    def _fitting_steps(self, s: RequestState, now_s: float, joined: bool = False) -> int:
+        """Steps that fit before the deadline if `s` ran alone from now."""
         per = self.cost.step_s([s])
-        budget = s.deadline_s - now_s - self.cost.start_s - self.cost.finish_s(s)
+        budget = s.deadline_s - now_s - (0.0 if joined else self.cost.start_s) - self.cost.finish_s(s)
         return int(budget // per) if per > 0 else s.params.num_steps
 
     def _reason(self, s: RequestState, now_s: float) -> str:

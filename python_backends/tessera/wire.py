@@ -14,6 +14,7 @@ DENOISER = "denoiser"
 VAE_DECODER = "vae_decoder"
 
 OUTPUT_IMAGE = "image"  # UINT8 [batch, H, W, 3]
+OUTPUT_STEPS = "step"  # INT32 [batch, 1]: steps run (final response) or done so far (progress)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,7 @@ ENTRY_INPUTS: tuple[InputSpec, ...] = (
     InputSpec("guidance_scale", np.float32, "FP32"),
     InputSpec("seed", np.int64, "INT64"),
     InputSpec("slo_ms", np.int32, "INT32", optional=True),
+    InputSpec("early_exit", np.bool_, "BOOL", optional=True),  # absent: the server's default
 )
 ENTRY_INPUT_NAMES = tuple(s.name for s in ENTRY_INPUTS)
 STREAM_INPUTS = ("progress", "preview")  # engine only, optional BOOL [batch, 1]

@@ -155,3 +155,59 @@ def test_policy_image_fcfs_runs_one_resolution_to_completion():
     assert plan.join == () and plan.advance == ("a", "c")
     plan = StepFcfsPolicy(max_batch=2).schedule(EngineView((b, c), (a,)), 0.0)
     assert plan.join == ("b",) and plan.advance == ("a", "b")
+
+
+class _Plan:
+    """A policy that advances everyone and degrades one running request once, at a given step."""
+
+    def __init__(self, rid: str, at_step: int, total: int):
+        self.rid, self.at_step, self.total = rid, at_step, total
+
+    def schedule(self, view, now_s):
+        from tessera.engine import StepPlan
+
+        join = tuple(s.request_id for s in view.waiting)
+        advance = tuple(s.request_id for s in view.running) + join
+        degrade = ((self.rid, self.total),) if view.step_no == self.at_step else ()
+        return StepPlan(join, advance, (), degrade)
+
+
+def test_engine_early_exit_ends_with_clean_latent_and_reports_steps(stack):
+    from tessera.early_exit import ExitRule
+
+    spec, pipeline, model = stack
+    den = ConcatDenoiser(torch_call(model, spec.family))
+    rule = ExitRule(epsilon=1e9, window=1, min_fraction=0.5, min_steps=1, last_step="x0")  # fires at the floor
+    engine = Engine(pipeline, den, StepFcfsPolicy(), exit_rule=rule, early_exit=True)
+    opt_out = RequestState("off", GenerationParams("a red circle at top left", "", 64, 64, 8, 5.0, 1, None, False), 0.0)
+    finals = run_engine(engine, [(0, RequestState("on", params(64, 64, steps=8), 0.0)), (0, opt_out)])
+    on, off = finals["on"], finals["off"]
+    assert on.finish_reason == FinishReason.COMPLETED and on.exited and on.step_index == 4 and on.asked_steps == 8
+    assert off.step_index == 8 and not off.exited
+    # the same request by hand: 4 steps, then decode the 4th step's predicted clean latent
+    run = pipeline.start(params(64, 64, steps=8))
+    for _ in range(4):
+        pipeline.step(run)
+    run.latents = run.x0
+    assert np.abs(pipeline.finish(run).astype(int) - on.image.astype(int)).max() <= 1
+    # x0_hat is the sampler's own clean estimate: the final step lands (almost: DDIM without
+    # set_alpha_to_one stops at alpha_0 ~ 0.999) on it
+    full = pipeline.start(params(64, 64, steps=8))
+    while not full.done:
+        pipeline.step(full)
+    err = float((full.x0 - full.latents).abs().max() / full.latents.abs().max())
+    assert err < 1e-2 and len(full.entropies) == 8
+    jump = Engine(pipeline, den, StepFcfsPolicy(), exit_rule=ExitRule(1e9, 1, 0.5, 1, "jump"), early_exit=True)
+    out = run_engine(jump, [(0, RequestState("j", params(64, 64, steps=8), 0.0))])["j"]
+    assert out.step_index == 4 and len(jump.records) == 4  # 3 + the jump = the floor of 4
+
+
+def test_engine_degrades_a_running_request_to_a_step_budget(stack):
+    spec, pipeline, model = stack
+    den = ConcatDenoiser(torch_call(model, spec.family))
+    engine = Engine(pipeline, den, _Plan("a", at_step=2, total=5))
+    finals = run_engine(engine, [(0, RequestState("a", params(64, 64, steps=10), 0.0)),
+                                 (0, RequestState("b", params(64, 64, steps=10, seed=3), 0.0))])
+    assert finals["a"].finish_reason == FinishReason.DEGRADED and finals["a"].step_index == 5
+    assert finals["a"].asked_steps == 10 and finals["b"].step_index == 10
+    assert [len(r.request_ids) for r in engine.records] == [2] * 5 + [1] * 5

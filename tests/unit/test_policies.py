@@ -123,3 +123,19 @@ def test_policy_contract(name):
     assert set(plan.advance) <= running_ids | set(plan.join)
     assert len(plan.advance) <= 3
     assert not {d for d, _ in plan.drop} & set(plan.advance)
+
+
+def test_running_hopeless_request_gets_a_step_budget_in_degrade_mode():
+    cost = cost_model()
+    running = req("r", steps=20, deadline=1.0, started_steps_left=15)  # 5 done; 15 x 0.138 = 2.07 s > 1 s
+    for policy in (SlackPolicy, RoundsPolicy):
+        plan = policy(cost=cost, on_hopeless="degrade", min_steps=4).schedule(EngineView((), (running,)), 0.0)
+        assert plan.drop == () and plan.degrade == (("r", 12),) and plan.advance == ("r",)  # 5 + 7 x 0.138 <= 1 s
+    plan = SlackPolicy(cost=cost, on_hopeless="drop").schedule(EngineView((), (running,)), 0.0)
+    assert [d[0] for d in plan.drop] == ["r"] and plan.degrade == ()
+    barely = req("b", steps=20, deadline=0.2, started_steps_left=19)  # 1 done + 1 fits = 2 < floor 4: dropped
+    plan = SlackPolicy(cost=cost, on_hopeless="degrade", min_steps=4).schedule(EngineView((), (barely,)), 0.0)
+    assert [d[0] for d in plan.drop] == ["b"]
+    fine = req("f", steps=20, deadline=100.0, started_steps_left=15)
+    plan = SlackPolicy(cost=cost, on_hopeless="degrade").schedule(EngineView((), (fine,)), 0.0)
+    assert plan.degrade == () and plan.drop == ()

@@ -27,7 +27,7 @@ from ..inputs import parse_request
 from ..loop import EngineLoop, OverloadedError, ShutdownError
 from ..scheduler import make_policy
 from ..spec import PipelineSpec
-from ..wire import ENTRY_INPUT_NAMES, OUTPUT_IMAGE, STREAM_INPUTS
+from ..wire import ENTRY_INPUT_NAMES, OUTPUT_IMAGE, OUTPUT_STEPS, STREAM_INPUTS
 from .common import input_or_none, parameters, setup_logging
 
 log = logging.getLogger("tessera.triton.engine")
@@ -57,6 +57,7 @@ class Ticket:
     progress: bool
     slo_ms: list[int | None]
     images: dict[int, np.ndarray] = field(default_factory=dict)
+    steps: dict[int, int] = field(default_factory=dict)  # steps run per item
     failed: bool = False  # its one FINAL response (an error) is already sent
     finals: int = 0  # items that have left the engine
 
@@ -97,7 +98,8 @@ class TritonPythonModel:
             self.config.policy, max_batch=self.config.max_batch, cost=self.cost, on_hopeless=self.config.on_hopeless,
             min_steps=self.config.min_steps, round_steps=self.config.round_steps,
         )
-        self.engine = Engine(self.pipeline, denoiser, policy, cost=self.cost, slo_scale=self.config.slo_scale)
+        self.engine = Engine(self.pipeline, denoiser, policy, cost=self.cost, slo_scale=self.config.slo_scale,
+                             exit_rule=self.config.exit_rule(), early_exit=self.config.early_exit == "on")
         self.tickets: dict[str, Ticket] = {}
         self.lock = threading.Lock()
         self.ids = itertools.count()
@@ -148,6 +150,16 @@ class TritonPythonModel:
             kind=pb_utils.MetricFamily.GAUGE)
         self.m_in_flight = self.families["tessera_in_flight_requests"].Metric(labels=labels)
         self._seen_records = 0
+        self.families["tessera_steps_run"] = pb_utils.MetricFamily(
+            name="tessera_steps_run", description="Denoising steps run per answered request (early exit, degrade)",
+            kind=pb_utils.MetricFamily.HISTOGRAM)
+        self.m_steps_run = self.families["tessera_steps_run"].Metric(
+            labels=labels, buckets=[1, 2, 4, 8, 10, 15, 20, 25, 30, 40, 50, 75, 100, 150, 200])
+        self.m_saved = counter("tessera_steps_saved_total", "Steps asked for but not run, by cause",
+                               cause="early_exit")
+        self.m_saved_degrade = counter("tessera_steps_saved_total", "Steps asked for but not run, by cause",
+                                       cause="degrade")
+        self.m_exited = counter("tessera_early_exits_total", "Requests ended early by the entropy rule")
 
     def _record_metrics(self) -> None:
         mape = self.cost.predictor.mape
@@ -225,6 +237,7 @@ class TritonPythonModel:
                 self._record_metrics()
                 if out.final:
                     self.m_outcome[out.finish_reason.value if out.finish_reason else "error"].increment(1)
+                    self._steps_metrics(out)
                     self.m_in_flight.set(self.loop.pending)
                     self._deadline_metrics(out)
             except Exception:  # noqa: BLE001
@@ -238,13 +251,13 @@ class TritonPythonModel:
             return
         if not out.final:
             if ticket.progress and not ticket.failed:
-                tensors = [pb_utils.Tensor("step", np.array([[out.step_index]], np.int32))]
+                tensors = [pb_utils.Tensor(OUTPUT_STEPS, np.array([[out.step_index]], np.int32))]
                 if out.image is not None:
                     tensors.append(pb_utils.Tensor("preview", out.image[None]))
                 ticket.sender.send(pb_utils.InferenceResponse(tensors))
             return
         ticket.finals += 1
-        if not ticket.failed and out.finish_reason != FinishReason.COMPLETED:
+        if not ticket.failed and out.finish_reason not in (FinishReason.COMPLETED, FinishReason.DEGRADED):
             ticket.failed = True
             ticket.sender.send(pb_utils.InferenceResponse(error=triton_error(out.error, out.finish_reason,
                                                                              ticket.client_id)),
@@ -254,16 +267,28 @@ class TritonPythonModel:
                     self.loop.cancel(f"{base}/{other}")
         elif not ticket.failed:
             ticket.images[int(k)] = out.image
+            ticket.steps[int(k)] = out.step_index
             if len(ticket.images) == ticket.size:
                 images = np.stack([ticket.images[i] for i in range(ticket.size)])
-                steps = np.full((ticket.size, 1), out.step_index, np.int32)
+                steps = np.array([[ticket.steps[i]] for i in range(ticket.size)], np.int32)
                 ticket.sender.send(
-                    pb_utils.InferenceResponse([pb_utils.Tensor(OUTPUT_IMAGE, images), pb_utils.Tensor("step", steps)]),
+                    pb_utils.InferenceResponse([pb_utils.Tensor(OUTPUT_IMAGE, images),
+                                                pb_utils.Tensor(OUTPUT_STEPS, steps)]),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
                 )
         if ticket.finals >= ticket.size:
             with self.lock:
                 self.tickets.pop(base, None)
+
+    def _steps_metrics(self, out: RequestOutput) -> None:
+        if out.image is None:
+            return
+        self.m_steps_run.observe(out.step_index)
+        saved = max((out.asked_steps or out.step_index) - out.step_index, 0)
+        if saved:
+            (self.m_saved if out.exited else self.m_saved_degrade).increment(saved)
+        if out.exited:
+            self.m_exited.increment(1)
 
     def _deadline_metrics(self, out: RequestOutput) -> None:
         if out.finish_reason in (FinishReason.CANCELLED, FinishReason.ERROR) or out.deadline_s is None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..inputs import parse_request
 from ..spec import PipelineSpec
-from ..wire import ENTRY_INPUT_NAMES, OUTPUT_IMAGE
+from ..wire import ENTRY_INPUT_NAMES, OUTPUT_IMAGE, OUTPUT_STEPS
 from .common import code_for_engine_error, error_response, input_or_none, int_param, parameters, setup_logging
 
 log = logging.getLogger("tessera.triton.txt2img")
@@ -71,7 +71,7 @@ class TritonPythonModel:
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
             bls = pb_utils.InferenceRequest(
-                model_name=self.engine, inputs=inputs, requested_output_names=[OUTPUT_IMAGE, "step"]
+                model_name=self.engine, inputs=inputs, requested_output_names=[OUTPUT_IMAGE, OUTPUT_STEPS]
             )
             answer = None
             for response in bls.exec(decoupled=True):
@@ -81,7 +81,8 @@ class TritonPythonModel:
                     break
                 image = pb_utils.get_output_tensor_by_name(response, OUTPUT_IMAGE)
                 if image is not None:
-                    answer = pb_utils.InferenceResponse([image])
+                    steps = pb_utils.get_output_tensor_by_name(response, OUTPUT_STEPS)
+                    answer = pb_utils.InferenceResponse([image] + ([steps] if steps is not None else []))
             if answer is None:
                 answer = pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(f"{self.engine}: finished without an image", pb_utils.TritonError.INTERNAL)
