@@ -10,18 +10,12 @@ import numpy as np
 import pytest
 
 from tessera.quality.harness import FULL_STEPS, generate_served, jobs_for
+from tessera.quality.harness import passes_paired as passes
 from tessera.quality.metrics import paired
 
 pytestmark = pytest.mark.integration
 MODELS = Path(__file__).resolve().parents[2] / "quality_models"
-# Calibrated on the committed heavy model through the server (quality.md suggests >= 33 dB for 10 steps).
-MIN_PSNR_DB = 33.0  # measured: 10 steps 39.6 dB, 2 steps 26.7 dB (48 prompts, seed 0)
-MIN_SSIM = 0.95  # measured: 10 steps 0.990, 2 steps 0.905
-
-
-def passes(fid: dict) -> bool:
-    return fid["psnr_db_mean"] >= MIN_PSNR_DB and fid["ssim_mean"] >= MIN_SSIM
-
+# The check (harness.MIN_PSNR_DB / MIN_SSIM) was calibrated on the committed heavy model through the server.
 
 @pytest.mark.skipif(not (MODELS / "heavy").is_dir(), reason="quality_models/heavy is not committed")
 def test_quality_smoke_ten_steps_pass_two_steps_fail(server):

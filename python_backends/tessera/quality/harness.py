@@ -23,6 +23,14 @@ SEEDS_A = tuple(range(6))  # 48 prompts x 6 seeds = 288 images per setting
 SEEDS_B = tuple(range(1000, 1006))  # the seed floor: same prompts, other seeds
 FULL_STEPS = 50
 GUIDANCE = 4.0
+# The paired-fidelity check of fast paths against the full-step path (CI smoke tests), calibrated on the
+# committed heavy model through the server: 10 steps 39.6 dB / SSIM 0.990 pass, 2 steps 26.7 dB / 0.905 fail.
+MIN_PSNR_DB = 33.0
+MIN_SSIM = 0.95
+
+
+def passes_paired(fid: dict) -> bool:
+    return fid["psnr_db_mean"] >= MIN_PSNR_DB and fid["ssim_mean"] >= MIN_SSIM
 
 
 @dataclass(frozen=True)
@@ -72,10 +80,13 @@ def serve_reference(models_dir: Path, work: Path, settings, log_path: Path | Non
     return repo, engines
 
 
-def generate_served(server, model: str, jobs, steps: int, concurrency: int = 8, progress=None) -> np.ndarray:
-    from tessera.client import infer_image, make_client, request_arrays
+def generate_served(server, model: str, jobs, steps: int, concurrency: int = 8, progress=None,
+                    early_exit: bool | None = None, with_steps: bool = False):
+    """Images [N, H, W, 3] for the jobs through the server (and, with_steps, the steps each ran [N])."""
+    from tessera.client import infer, make_client, request_arrays
 
     out: list[np.ndarray | None] = [None] * len(jobs)
+    ran = np.zeros(len(jobs), np.int32)
     lock = threading.Lock()
     todo = list(range(len(jobs)))
 
@@ -87,8 +98,9 @@ def generate_served(server, model: str, jobs, steps: int, concurrency: int = 8, 
                     break
                 i = todo.pop(0)
             lb, seed, (h, w) = jobs[i]
-            img = infer_image(client, "grpc", request_arrays(lb.caption, h, w, steps, GUIDANCE, seed), model=model)
-            out[i] = img[0]
+            arrays = request_arrays(lb.caption, h, w, steps, GUIDANCE, seed, early_exit=early_exit)
+            img, n = infer(client, "grpc", arrays, model=model)
+            out[i], ran[i] = img[0], n[0]
             if progress:
                 progress()
         client.close()
@@ -98,7 +110,7 @@ def generate_served(server, model: str, jobs, steps: int, concurrency: int = 8, 
         t.start()
     for t in threads:
         t.join()
-    return np.stack(out)
+    return (np.stack(out), ran) if with_steps else np.stack(out)
 
 
 def generate_in_process(pipeline_dir: Path, jobs, steps: int) -> np.ndarray:
