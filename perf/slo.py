@@ -25,16 +25,19 @@ POLICIES = ("image-fcfs", "step-fcfs", "slack", "rounds")
 SIZES = ((128, 128), (128, 256), (256, 256))
 
 
-def isolated_ms(server, model: str, steps: int, repeats: int) -> dict[tuple[int, int], float]:
+def isolated_ms(server, model: str, steps: int, repeats: int, sizes=SIZES, guidance: float = 5.0,
+                **request) -> dict[tuple[int, int], float]:
+    """Median latency of lone requests per size (after one warm-up each), through the server."""
     from tessera.client import infer_image, make_client, request_arrays
 
     c = make_client("grpc", server.grpc_url)
     out = {}
-    for h, w in SIZES:
+    for h, w in sizes:
         times = []
         for i in range(repeats + 1):
             t0 = time.perf_counter()
-            infer_image(c, "grpc", request_arrays("a red circle at top left", h, w, steps, 5.0, i), model=model)
+            infer_image(c, "grpc", request_arrays("a red circle at top left", h, w, steps, guidance, i, **request),
+                        model=model)
             if i:
                 times.append((time.perf_counter() - t0) * 1e3)
         if times:

@@ -98,9 +98,10 @@ def _cmd_train_reference(a: argparse.Namespace) -> int:
 
 
 def _cmd_quality(a: argparse.Namespace) -> int:
-    from .quality.harness import run_quality
+    from .quality.harness import RESULT_NAMES, SETS, run_quality
 
-    run_quality(a.models, name=a.name, out_dir=a.out, inception=not a.no_inception, feature_threads=a.feature_threads)
+    run_quality(a.models, name=a.name, settings=SETS[a.set], out_dir=a.out, inception=not a.no_inception,
+                feature_threads=a.feature_threads, result_name=a.result or RESULT_NAMES[a.set])
     return 0
 
 
@@ -236,7 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quality", help="quality metrics of served settings vs the heavy full-step reference")
     q.add_argument("--models", default="quality_models", help="heavy/, light/, evaluator.pt")
-    q.add_argument("--name", default="baseline")
+    q.add_argument("--name", default="baseline", help="label of the run (server models, logs)")
+    q.add_argument("--set", default="baseline", choices=("baseline", "early-exit"),
+                   help="baseline: heavy/light x steps; early-exit: epsilon x window x last step on heavy")
+    q.add_argument("--result", default=None, help="result file name (default: per set)")
     q.add_argument("--out", default="perf/results")
     q.add_argument("--no-inception", action="store_true", help="skip Inception FID/KID (slowest features)")
     q.add_argument("--feature-threads", type=int, default=1, help="torch threads for feature extraction")

@@ -8,7 +8,7 @@ sentinel (a zero patch). `cut` and `stitch` convert between images and patches.
 
 `exact_patch_mode(model, index)` makes a diffusers UNet2DConditionModel or SD3Transformer2DModel
 compute on patches exactly what it computes on whole images:
-  * 3x3 convolutions read a 1-cell halo from neighbour patches (zeros only at true image borders);
+  * kxk convolutions (k odd) read a k//2-cell halo from neighbour patches (zeros only at true image borders);
   * GroupNorm statistics are reduced per image across all its patches (two-pass mean/variance);
   * self-attention (and SD3 joint attention) runs on each image reassembled, batched per resolution
     group, and is scattered back; SD3 positional embeddings are cut from each image's own embedding.
@@ -253,11 +253,13 @@ def exact_patch_mode(model: torch.nn.Module, index: PatchIndex):
 
     for module in model.modules():
         if isinstance(module, torch.nn.Conv2d) and module.kernel_size != (1, 1) and module.padding != (0, 0):
-            if module.kernel_size != (3, 3) or module.padding != (1, 1) or module.dilation != (1, 1):
+            k = module.kernel_size[0]
+            if module.kernel_size != (k, k) or k % 2 == 0 or module.padding != (k // 2, k // 2) \
+                    or module.dilation != (1, 1):
                 raise NotImplementedError(f"exact patches: unsupported conv {module}")
 
-            def conv(x, m=module):
-                return F.conv2d(index.halo(x), m.weight, m.bias, m.stride, 0, m.dilation, m.groups)
+            def conv(x, m=module, width=k // 2):
+                return F.conv2d(index.halo(x, width), m.weight, m.bias, m.stride, 0, m.dilation, m.groups)
 
             swap_forward(module, conv)
         elif isinstance(module, torch.nn.GroupNorm):

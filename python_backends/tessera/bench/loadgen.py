@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,6 +22,8 @@ class Record:
     latency_ms: float | None = None
     status: str = "pending"  # ok | dropped (deadline cannot be met) | rejected (overloaded) | error
     message: str = ""
+    steps_run: int | None = None  # the response's `step` output
+    image: np.ndarray | None = field(default=None, repr=False)  # kept with replay(keep_images=True)
 
     @property
     def met(self) -> bool:
@@ -40,7 +42,8 @@ _ID = re.compile(r"\[request id: (\d+)\]")
 
 
 def replay(url: str, model: str, trace: Trace, slo_ms: dict[tuple[int, int], float], guidance: float = 5.0,
-           send_slo: bool = True, progress: bool = True, drain_s: float = 120.0, stream: bool = False) -> list[Record]:
+           send_slo: bool = True, progress: bool = True, drain_s: float = 120.0, stream: bool = False,
+           keep_images: bool = False) -> list[Record]:
     """Send every request at its trace time. stream=False: one async unary call each (any model, e.g.
     txt2img); stream=True: one gRPC stream to a decoupled model (the engine), answers matched by id."""
     from ..client import infer_inputs, make_client, request_arrays
@@ -51,19 +54,24 @@ def replay(url: str, model: str, trace: Trace, slo_ms: dict[tuple[int, int], flo
     done = threading.Semaphore(0)
     t0 = time.perf_counter()
 
-    def finish(rec: Record, sent: float, error) -> None:
+    def finish(rec: Record, sent: float, error, result=None) -> None:
         if rec.status != "pending":
             return
         rec.latency_ms = (time.perf_counter() - sent) * 1e3
         if error is None:
             rec.status = "ok"
+            if result is not None:
+                steps = result.as_numpy("step")
+                rec.steps_run = int(steps.reshape(-1)[0]) if steps is not None else None
+                if keep_images:
+                    rec.image = result.as_numpy("image")[0]
         else:
             rec.message = str(error.message() if hasattr(error, "message") else error)[:300]
             rec.status = classify(rec.message)
         done.release()
 
     def callback(rec: Record, sent: float, result, error) -> None:
-        finish(rec, sent, error)
+        finish(rec, sent, error, result)
 
     def stream_callback(result, error) -> None:
         if error is not None:
@@ -73,7 +81,7 @@ def replay(url: str, model: str, trace: Trace, slo_ms: dict[tuple[int, int], flo
             i = int(m.group(1))
         else:
             i = int(result.get_response().id)
-        finish(records[i], sent_at[i], error)
+        finish(records[i], sent_at[i], error, result)
 
     if stream:
         client.start_stream(callback=stream_callback)
@@ -128,5 +136,5 @@ def summarize(records: list[Record], duration_s: float | None = None) -> dict:
         "p50_latency_ms": float(np.percentile(lat, 50)) if len(lat) else None,
         "p99_latency_ms": float(np.percentile(lat, 99)) if len(lat) else None,
         "per_resolution": per_res,
-        "raw": {k: [asdict(r)[k] for r in records] for k in ("arrival_s", "latency_ms", "deadline_ms", "status")},
+        "raw": {k: [getattr(r, k) for r in records] for k in ("arrival_s", "latency_ms", "deadline_ms", "status")},
     }

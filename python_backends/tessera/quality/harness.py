@@ -54,6 +54,23 @@ BASELINE = (
 )
 
 
+def _ee(eps: float, window: int, last_step: str = "x0") -> dict:
+    return {"early_exit": "on", "exit_epsilon": eps, "exit_window": window, "last_step": last_step}
+
+
+# Entropy early exit on the heavy model (issue: steps saved vs quality): a grid of epsilon x window with
+# one last step (x0), and the default with the other endings (jump: +1 call; none: decode the noisy latent).
+EARLY_EXIT = (
+    Setting("heavy-50", "heavy", 50),
+    Setting("heavy-50-seedB", "heavy", 50, seeds=SEEDS_B),
+    *(Setting(f"ee-e{eps}-w{w}", "heavy", 50, _ee(eps, w)) for eps in (0.001, 0.002, 0.005) for w in (1, 2, 3)),
+    Setting("ee-e0.002-w2-jump", "heavy", 50, _ee(0.002, 2, "jump")),
+    Setting("ee-e0.002-w2-none", "heavy", 50, _ee(0.002, 2, "none")),
+)
+SETS = {"baseline": BASELINE, "early-exit": EARLY_EXIT}
+RESULT_NAMES = {"baseline": "quality-baseline", "early-exit": "early_exit_quality"}
+
+
 def jobs_for(seeds, size):
     labels = all_labels()
     return [(lb, seed, size) for seed in seeds for lb in labels]
@@ -147,7 +164,7 @@ class Bar:
 
 def run_quality(models_dir: str | Path, name: str = "baseline", settings=BASELINE, size=(64, 64),
                 out_dir: str | Path = "perf/results", inception: bool = True, inprocess_check: int = 48,
-                feature_threads: int = 1) -> dict:
+                feature_threads: int = 1, result_name: str | None = None) -> dict:
     import torch
 
     from ..results import write_result
@@ -161,13 +178,15 @@ def run_quality(models_dir: str | Path, name: str = "baseline", settings=BASELIN
     work = Path(tempfile.mkdtemp(prefix="tessera-quality-"))
     repo, entries = serve_reference(models_dir, work, settings)
     images: dict[str, np.ndarray] = {}
+    steps_run: dict[str, np.ndarray] = {}
     timings: dict[str, float] = {}
     with TritonServer(repo, log_path=work / "server.log") as server:
         for s in settings:
             jobs = jobs_for(s.seeds, size)
             t0 = time.monotonic()
             model = entries[(s.pipeline, json.dumps(s.engine, sort_keys=True))]
-            images[s.label] = generate_served(server, model, jobs, s.steps, progress=Bar(s.label, len(jobs)))
+            images[s.label], steps_run[s.label] = generate_served(server, model, jobs, s.steps, with_steps=True,
+                                                                  progress=Bar(s.label, len(jobs)))
             timings[s.label] = time.monotonic() - t0
     ref_label = settings[0].label
     check_jobs = jobs_for(SEEDS_A, size)[:inprocess_check]
@@ -200,7 +219,9 @@ def run_quality(models_dir: str | Path, name: str = "baseline", settings=BASELIN
     results = {}
     for s in settings:
         row = {"pipeline": s.pipeline, "steps": s.steps, "engine": s.engine, "n": len(images[s.label]),
-               "seeds": list(s.seeds), "generation_s": timings[s.label]}
+               "seeds": list(s.seeds), "generation_s": timings[s.label],
+               "steps_run_mean": float(steps_run[s.label].mean()),
+               "steps_saved_fraction": 1.0 - float(steps_run[s.label].mean()) / s.steps}
         row["adherence"] = adherence(preds[s.label], labels)
         row["distribution_vs_real"] = distribution(s.label)
         if s.seeds == settings[0].seeds:
@@ -223,6 +244,29 @@ def run_quality(models_dir: str | Path, name: str = "baseline", settings=BASELIN
               "seeds_a": list(SEEDS_A), "seeds_b": list(SEEDS_B), "reference": ref_label,
               "served_via": "tritonserver gRPC, txt2img -> engine (executor local)", "inception": inception}
     doc = {"settings": results, "floors": floors, "served_vs_in_process": served_vs_inproc}
-    path = write_result(f"quality-{name}", config, doc, Path(out_dir))
+    if seed_floor is not None:
+        doc["within_seed_floor"] = within_seed_floor(results, ref_label, "heavy-50-seedB", seed_floor["psnr_db_mean"])
+    path = write_result(result_name or f"quality-{name}", config, doc, Path(out_dir))
     print(f"[tessera] quality: wrote {path}")
     return doc
+
+
+def within_seed_floor(results: dict, ref: str, seed_b: str, floor_psnr: float | None) -> dict:
+    """Per setting: is its quality loss against the full-step reference inside the seed-to-seed floor?
+    Paired PSNR: above the seed-A-vs-seed-B PSNR (the distance between two valid images of a prompt).
+    Adherence: each attribute's accuracy differs from the reference's by no more than the seed-B run's
+    accuracy does, or the difference is inside both Wilson 95% intervals (overlapping)."""
+    out = {}
+    for label, row in results.items():
+        if label in (ref, seed_b) or "paired_vs_reference" not in row:
+            continue
+        adh = {}
+        for attr in ("colour", "shape", "position"):
+            a, r, b = row["adherence"][attr], results[ref]["adherence"][attr], results[seed_b]["adherence"][attr]
+            gap, floor = abs(a["accuracy"] - r["accuracy"]), abs(b["accuracy"] - r["accuracy"])
+            overlap = a["ci95"][0] <= r["ci95"][1] and r["ci95"][0] <= a["ci95"][1]
+            adh[attr] = bool(gap <= floor or overlap)
+        psnr_ok = floor_psnr is None or row["paired_vs_reference"]["psnr_db_mean"] > floor_psnr
+        out[label] = {"steps_saved_fraction": row["steps_saved_fraction"], "psnr_above_seed_floor": psnr_ok,
+                      "adherence_within_floor": adh, "all": bool(psnr_ok and all(adh.values()))}
+    return out

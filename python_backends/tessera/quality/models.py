@@ -17,8 +17,11 @@ EVAL_SIZE = 64  # the evaluator sees every image resized to 64x64
 
 # Three levels: at 64x64 px the bottleneck is 2x2 latent cells, one per quadrant, which is where the
 # "at top left" words can act through cross-attention (a 2-level UNet left position at chance).
+# heavy: a 9x9 input convolution (zero padded) gives every cell of a 64 px image's 8x8 latent its absolute
+# position from the first layer; with 3x3 convolutions only, position words stayed unlearned (see
+# training.json "tried").
 UNETS = {
-    "heavy": dict(block_out_channels=(48, 96, 96), layers_per_block=1, attention_head_dim=8),
+    "heavy": dict(block_out_channels=(48, 96, 96), layers_per_block=1, attention_head_dim=8, conv_in_kernel=9),
     "light": dict(block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=8),
 }
 

@@ -40,9 +40,31 @@ def _load_state(path: Path, **objs) -> int:
     if not path.exists():
         return 0
     state = torch.load(path, map_location="cpu", weights_only=False)
+    widened = False
     for name, obj in objs.items():
+        if isinstance(obj, torch.optim.Optimizer):
+            if not widened:
+                obj.load_state_dict(state[name])
+            continue
+        widened |= _widen_kernels(state[name], obj)
         obj.load_state_dict(state[name])
     return int(state["step"])
+
+
+def _widen_kernels(saved: dict, module: torch.nn.Module) -> bool:
+    """Resume a checkpoint into a model whose convolutions grew (3x3 -> kxk): the old kernel sits at the
+    centre, zeros around it (same function at the start). The optimizer then starts afresh."""
+    own = module.state_dict()
+    widened = False
+    for key, value in saved.items():
+        want = own.get(key)
+        if want is not None and value.ndim == 4 and want.shape[:2] == value.shape[:2] and want.shape[2:] != value.shape[2:]:
+            grown = torch.zeros_like(want)
+            dh, dw = (want.shape[2] - value.shape[2]) // 2, (want.shape[3] - value.shape[3]) // 2
+            grown[:, :, dh:dh + value.shape[2], dw:dw + value.shape[3]] = value
+            saved[key] = grown
+            widened = True
+    return widened
 
 
 def _save_state(path: Path, step: int, **objs) -> None:
