@@ -259,6 +259,8 @@ def exact_patch_mode(model: torch.nn.Module, index: PatchIndex):
                 raise NotImplementedError(f"exact patches: unsupported conv {module}")
 
             def conv(x, m=module, width=k // 2):
+                if width > x.shape[-1]:
+                    raise NotImplementedError(f"exact patches: a {k}x{k} conv needs patches of >= {width} cells")
                 return F.conv2d(index.halo(x, width), m.weight, m.bias, m.stride, 0, m.dilation, m.groups)
 
             swap_forward(module, conv)

@@ -32,6 +32,19 @@ def test_patch_halo_matches_padded_whole_image():
         assert torch.equal(halo[p], padded[:, gy * 4 : gy * 4 + 6, gx * 4 : gx * 4 + 6])
 
 
+@pytest.mark.parametrize("width", [1, 2, 4])
+def test_patch_halo_of_any_width_matches_padded_whole_image(width):
+    """k x k convolutions (the quality reference's 9x9 conv_in) read a k//2-cell halo."""
+    idx = PatchIndex.build([(8, 12), (8, 8)], patch=4)
+    imgs = [torch.randn(2, 8, 12), torch.randn(2, 8, 8)]
+    halo = idx.halo(idx.cut(imgs), width)
+    for p in range(idx.n_patches):
+        img = imgs[int(idx.patch_image[p])]
+        padded = torch.nn.functional.pad(img, (width,) * 4)
+        gy, gx = int(idx.patch_gy[p]), int(idx.patch_gx[p])
+        assert torch.equal(halo[p], padded[:, gy * 4 : gy * 4 + 4 + 2 * width, gx * 4 : gx * 4 + 4 + 2 * width])
+
+
 def test_patch_edge_gcd_and_multiple():
     assert patch_edge([(16, 16), (16, 24), (24, 16)], 2) == 8
     assert patch_edge([(16, 16)], 2, configured=4) == 4

@@ -91,9 +91,10 @@ def serve_reference(models_dir: Path, work: Path, settings, log_path: Path | Non
         if not s.engine:
             engines[key] = f"{s.pipeline}_txt2img"
         else:
-            name = f"{s.pipeline}_engine_{len(engines)}"
-            add_engine(repo, f"{s.pipeline}_engine", name, entry=f"{s.pipeline}_txt2img_{len(engines)}", **s.engine)
-            engines[key] = f"{s.pipeline}_txt2img_{len(engines) - 1}"
+            k = len(engines)
+            add_engine(repo, f"{s.pipeline}_engine", f"{s.pipeline}_engine_{k}", entry=f"{s.pipeline}_txt2img_{k}",
+                       **s.engine)
+            engines[key] = f"{s.pipeline}_txt2img_{k}"
     return repo, engines
 
 
@@ -107,7 +108,17 @@ def generate_served(server, model: str, jobs, steps: int, concurrency: int = 8, 
     lock = threading.Lock()
     todo = list(range(len(jobs)))
 
+    errors: list[BaseException] = []
+
     def worker():
+        try:
+            work()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            errors.append(e)
+            with lock:
+                todo.clear()
+
+    def work():
         client = make_client("grpc", server.grpc_url)
         while True:
             with lock:
@@ -127,6 +138,8 @@ def generate_served(server, model: str, jobs, steps: int, concurrency: int = 8, 
         t.start()
     for t in threads:
         t.join()
+    if errors:
+        raise RuntimeError(f"{model}: {len(errors)} request(s) failed, first: {errors[0]}") from errors[0]
     return (np.stack(out), ran) if with_steps else np.stack(out)
 
 
