@@ -48,12 +48,15 @@ class LatencyPredictor:
             return
         x = np.stack([f for f, _ in self.window])
         y = np.array([s for _, s in self.window])
-        # Scale columns so the ridge term treats them alike; keep coefficients non-negative-ish by
-        # falling back to a cells-only model when the fit is degenerate.
-        scale = np.maximum(np.abs(x).max(0), 1e-12)
-        xs = x / scale
+        # Relative least squares (rows divided by their latency): the error that matters, and is exported,
+        # is the percentage error; plain least squares lets the big batches dominate and the small ones
+        # (most steps) carry tens of percent. Columns scaled so the ridge term treats them alike.
+        w = 1.0 / np.maximum(y, 1e-9)
+        xw = x * w[:, None]
+        scale = np.maximum(np.abs(xw).max(0), 1e-12)
+        xs = xw / scale
         a = xs.T @ xs + self.ridge * np.eye(xs.shape[1])
-        self.coef = np.linalg.solve(a, xs.T @ y) / scale
+        self.coef = np.linalg.solve(a, xs.T @ (y * w)) / scale
         self._since_fit = 0
 
     def predict(self, shape: BatchShape) -> float:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import time
 from dataclasses import dataclass, replace
 
 from ..engine import Engine, FinishReason, RequestState
@@ -72,6 +73,19 @@ class _SimDenoiser:
         return [None] * n, CallStats((n,), (len({(r.params.height, r.params.width) for r in runs}),), (n,))
 
 
+class _Timed:
+    """A policy whose schedule() wall time is added to a virtual clock."""
+
+    def __init__(self, policy, clock: VirtualClock):
+        self.policy, self.clock = policy, clock
+
+    def schedule(self, view, now_s):
+        t0 = time.perf_counter()
+        plan = self.policy.schedule(view, now_s)
+        self.clock.t += time.perf_counter() - t0
+        return plan
+
+
 @dataclass
 class SimResult:
     arrival_s: float
@@ -87,12 +101,17 @@ class SimResult:
 
 
 def simulate(trace: Trace, policy: str, cost: CostModel, slo_ms: dict, instances: int = 1, max_batch: int = 16,
-             on_hopeless: str = "drop", round_steps: int = 5, guidance: float = 5.0) -> list[SimResult]:
+             on_hopeless: str = "drop", round_steps: int = 5, guidance: float = 5.0,
+             charge_policy: bool = True) -> list[SimResult]:
+    """charge_policy: the policy's own compute time (measured on this host while simulating) advances the
+    virtual clock, as it holds the real engine loop (slack's schedulability tests grow with the queue)."""
     clocks = [VirtualClock() for _ in range(instances)]
     engines = []
     for c in clocks:
         sim_cost = replace(cost)  # same predictor object is fine: exact observations do not move the fit
-        pol = make_policy(policy, max_batch=max_batch, cost=sim_cost, on_hopeless=on_hopeless, round_steps=round_steps)
+        pol = _Timed(make_policy(policy, max_batch=max_batch, cost=sim_cost, on_hopeless=on_hopeless,
+                                 round_steps=round_steps), c) if charge_policy else \
+            make_policy(policy, max_batch=max_batch, cost=sim_cost, on_hopeless=on_hopeless, round_steps=round_steps)
         engines.append(Engine(_SimPipeline(c, sim_cost), _SimDenoiser(c, sim_cost), pol, cost=sim_cost, clock=c))
     results: dict[str, SimResult] = {}
     arrivals = list(enumerate(trace.requests))
