@@ -24,7 +24,8 @@ SEEDS_B = tuple(range(1000, 1006))  # the seed floor: same prompts, other seeds
 FULL_STEPS = 50
 GUIDANCE = 4.0
 # The paired-fidelity check of fast paths against the full-step path (CI smoke tests), calibrated on the
-# committed heavy model through the server: 10 steps 39.6 dB / SSIM 0.990 pass, 2 steps 26.7 dB / 0.905 fail.
+# committed heavy model through the server (quality-baseline.json, N = 288): 10 steps 37.9 dB / SSIM 0.989
+# pass, 2 steps 27.4 dB / 0.934 fail.
 MIN_PSNR_DB = 33.0
 MIN_SSIM = 0.95
 
