@@ -74,17 +74,18 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 def _cmd_generate(a: argparse.Namespace) -> int:
     from PIL import Image
 
-    from .client import infer_image, make_client, request_arrays
+    from .client import infer, make_client, request_arrays
 
     client = make_client(a.protocol, a.url)
+    early_exit = {"on": True, "off": False, "server": None}[a.early_exit]
     arrays = request_arrays(
-        a.prompt, a.height, a.width, a.steps, a.guidance_scale, a.seed, a.negative_prompt, a.slo_ms
+        a.prompt, a.height, a.width, a.steps, a.guidance_scale, a.seed, a.negative_prompt, a.slo_ms, early_exit
     )
     t0 = time.perf_counter()
-    image = infer_image(client, a.protocol, arrays, model=a.model)
+    image, ran = infer(client, a.protocol, arrays, model=a.model)
     ms = (time.perf_counter() - t0) * 1e3
     Image.fromarray(image[0]).save(a.out)
-    print(f"[tessera] {a.width}x{a.height} {a.steps} steps via {a.protocol}: {ms:.0f} ms -> {a.out}")
+    print(f"[tessera] {a.width}x{a.height} {ran[0]} of {a.steps} steps via {a.protocol}: {ms:.0f} ms -> {a.out}")
     return 0
 
 
@@ -206,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--slo-ms", type=int, default=None)
     g.add_argument("--out", default="image.png")
+    g.add_argument("--early-exit", default="server", choices=("server", "on", "off"),
+                   help="entropy early exit for this request (server: the engine's default)")
     g.set_defaults(fn=_cmd_generate)
     t = sub.add_parser("train-reference", help="train the quality reference models (resumable, time-bounded)")
     t.add_argument("out", help="where the heavy/light pipelines and evaluator.pt are written")
