@@ -57,6 +57,9 @@ class _SimPipeline:
     def apply(self, run, _pred) -> None:
         run.step_index += 1
 
+    def truncate(self, run, total: int, clean: bool = True) -> None:
+        run.params = replace(run.params, num_steps=max(total, run.step_index))
+
     def finish(self, run):
         self.clock.t += self.cost.finish_s(RequestState("x", run.params, 0.0))
         return None
