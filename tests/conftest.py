@@ -49,7 +49,7 @@ def repo(work_dir, tiny_pipelines) -> Path:
     reference = Path(__file__).resolve().parents[1] / "quality_models" / "heavy"
     if reference.is_dir():  # the committed quality reference (tests/integration/test_quality_smoke.py)
         export_pipeline(reference, path, prefix="ref_", executor="local", progress=quiet)
-        # the same model with entropy early exit on by default (tests/integration/test_early_exit.py)
+        # the same model with entropy early exit on by default (tests/integration/test_early_exit_serving.py)
         add_engine(path, "ref_engine", "ref_engine_ee", entry="ref_txt2img_ee", early_exit="on")
     return path
 

@@ -216,7 +216,7 @@ class RoundsPolicy(_DeadlinePolicy):
     def schedule(self, view: EngineView, now_s: float) -> StepPlan:
         boundary = view.step_no % self.round_steps == 0 or not (view.last_advance & {s.request_id for s in view.running})
         if not boundary:  # members keep running; nobody joins until the next re-plan (a work-conserving
-            # fill between re-plans was measured worse under overload: SAR 0.56 vs 0.76 at 2x, docs)
+            # fill between re-plans was measured worse under overload: SAR 0.56 vs 0.62 at 2x, docs)
             keep = tuple(s.request_id for s in view.running if s.request_id in view.last_advance)
             return StepPlan((), keep)
         waiting, running, drop, degrade = self.triage(view, now_s)
