@@ -92,8 +92,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 def _cmd_train_reference(a: argparse.Namespace) -> int:
     from .quality.train import train_reference
 
-    report = train_reference(a.out, a.work, minutes=a.minutes, seed=a.seed, stages=tuple(a.stages.split(",")),
-                             max_steps=a.max_steps, weighting=a.weighting)
+    report = train_reference(a.out, a.work, minutes=a.minutes, seed=a.seed, stages=tuple(a.stages.split(",")))
     print(f"[tessera] train-reference: {report}")
     return 0
 
@@ -216,8 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget shared by the stages")
     t.add_argument("--stages", default="evaluator,vae,heavy,light")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--max-steps", type=int, default=20000, help="generator step budget (total, counting resumed steps)")
-    t.add_argument("--weighting", default="v", choices=("v", "min-snr"), help="generator loss weighting over noise levels")
     t.set_defaults(fn=_cmd_train_reference)
 
     bn = sub.add_parser("bench", help="open-loop load generator (Poisson or bursty), SLO attainment report")

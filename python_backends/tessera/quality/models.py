@@ -17,12 +17,18 @@ EVAL_SIZE = 64  # the evaluator sees every image resized to 64x64
 
 # Three levels: at 64x64 px the bottleneck is 2x2 latent cells, one per quadrant, which is where the
 # "at top left" words can act through cross-attention (a 2-level UNet left position at chance).
-# heavy: a 9x9 input convolution (zero padded) gives every cell of a 64 px image's 8x8 latent its absolute
-# position from the first layer; with 3x3 convolutions only, position words stayed unlearned (see
-# training.json "tried").
 UNETS = {
-    "heavy": dict(block_out_channels=(48, 96, 96), layers_per_block=1, attention_head_dim=8, conv_in_kernel=9),
+    "heavy": dict(block_out_channels=(48, 96, 96), layers_per_block=1, attention_head_dim=8),
     "light": dict(block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=8),
+}
+
+# How each committed generator was trained: phases of (train until step, conv_in kernel, loss weighting),
+# each resumed from the previous one (quality_models/training.json). The heavy model's 9x9 input convolution
+# (zero padded, the trained 3x3 kernel widened at its centre) gives every cell of a 64 px image's 8x8 latent
+# its absolute position: with 3x3 convolutions only, position words stayed unlearned (docs/quality.md).
+RECIPES = {
+    "heavy": ((4080, 3, "min-snr"), (5000, 3, "v"), (8579, 9, "v")),
+    "light": ((1009, 3, "min-snr"),),
 }
 
 
@@ -52,14 +58,14 @@ def vae():
     )
 
 
-def unet(kind: str):
+def unet(kind: str, conv_in_kernel: int = 3):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4,
         down_block_types=("CrossAttnDownBlock2D",) * 3,
         up_block_types=("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=TEXT_HIDDEN, norm_num_groups=16, **UNETS[kind],
+        cross_attention_dim=TEXT_HIDDEN, norm_num_groups=16, conv_in_kernel=conv_in_kernel, **UNETS[kind],
     )
 
 

@@ -51,6 +51,10 @@ def _load_state(path: Path, **objs) -> int:
     return int(state["step"])
 
 
+def _saved_step(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=False)["step"]) if path.exists() else 0
+
+
 def _widen_kernels(saved: dict, module: torch.nn.Module) -> bool:
     """Resume a checkpoint into a model whose convolutions grew (3x3 -> kxk): the old kernel sits at the
     centre, zeros around it (same function at the start). The optimizer then starts afresh."""
@@ -209,11 +213,12 @@ def loss_weight(weighting: str, snr: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"weighting: allowed {WEIGHTINGS}, got {weighting!r}")
 
 
-def train_generator(kind: str, vae, data: dict, work: Path, budget: Budget, seed: int = 0, weighting: str = "v"):
+def train_generator(kind: str, vae, data: dict, work: Path, budget: Budget, seed: int = 0, weighting: str = "v",
+                    conv_in_kernel: int = 3):
     torch.manual_seed(seed + 10)
     rng = np.random.default_rng(seed + 11)
     tok = M.tokenizer()
-    nets = torch.nn.ModuleDict({"text": M.text_encoder(tok), "unet": M.unet(kind)})
+    nets = torch.nn.ModuleDict({"text": M.text_encoder(tok), "unet": M.unet(kind, conv_in_kernel)})
     ema = copy.deepcopy(nets).requires_grad_(False)
     opt = torch.optim.AdamW(nets.parameters(), lr=1e-3, weight_decay=1e-4)
     sampler = M.sampler()
@@ -280,9 +285,10 @@ def save_pipeline(out: Path, vae, nets, tok) -> Path:
 
 
 def train_reference(out_dir: str | Path, work_dir: str | Path, minutes: float = 60.0, seed: int = 0,
-                    stages: tuple[str, ...] = ("evaluator", "vae", "heavy", "light"), max_steps: int = 20000,
-                    weighting: str = "v") -> dict:
-    """Run the stages in order; each gets a share of `minutes`. Resumes from `work_dir`."""
+                    stages: tuple[str, ...] = ("evaluator", "vae", "heavy", "light")) -> dict:
+    """Run the stages in order; each gets a share of `minutes`. Resumes from `work_dir`. Generators follow
+    their recipe (models.RECIPES): each phase resumes the previous one, and a phase that runs out of time
+    stops the recipe there (run again to go on)."""
     torch.set_num_threads(1)
     out, work = Path(out_dir), Path(work_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -312,7 +318,13 @@ def train_reference(out_dir: str | Path, work_dir: str | Path, minutes: float = 
         if kind not in stages:
             continue
         data = latent_dataset(vae, work, per_res=2000, seed=seed)
-        nets, tok, res = train_generator(kind, vae, data, work, Budget(max_steps, budget[kind]), seed, weighting)
+        t0, done = time.monotonic(), _saved_step(work / f"{kind}.state")
+        phases = [p for p in M.RECIPES[kind] if p[0] > done] or [M.RECIPES[kind][-1]]
+        for until, kernel, weighting in phases:
+            left = max(budget[kind] - (time.monotonic() - t0) / 60, 0.0)
+            nets, tok, res = train_generator(kind, vae, data, work, Budget(until, left), seed, weighting, kernel)
+            if res["steps"] < until:
+                break
         save_pipeline(out / kind, vae, nets, tok)
         report[kind] = res
     report_path.write_text(json.dumps(report, indent=2) + "\n")
