@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"completed {summary['completed']} dropped {summary['dropped']} "
                       f"steps {summary['steps_run_mean']}", flush=True)
                 time.sleep(2)
-    quality = _quality(args, traces, served, labels)
+    quality = _quality(args, repo, traces, served)
     for mode in MODES:
         for row, q in zip(runs[mode], quality[mode], strict=True):
             row["quality"] = q
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _quality(args, traces, served, labels) -> dict:
+def _quality(args, repo: Path, traces, served) -> dict:
     """Paired fidelity of each completed image against the in-process full-step image; adherence."""
     import torch
     from transformers import CLIPTokenizer
@@ -118,11 +118,8 @@ def _quality(args, traces, served, labels) -> dict:
     from tessera.quality.shapes import parse_caption
     from tessera.request import GenerationParams
     from tessera.spec import PipelineSpec
-    from tessera_export.repository import export_pipeline
 
-    torch.set_num_threads(1)
-    repo = Path(tempfile.mkdtemp(prefix="tessera-eeref-")) / "repo"
-    export_pipeline(Path(args.models) / "heavy", repo, executor="local", progress=lambda *_: None)
+    torch.set_num_threads(1)  # the served repository's ONNX files, now in process
     spec = PipelineSpec.load(repo / "engine" / "1" / "manifest.json")
     toks = [CLIPTokenizer.from_pretrained(repo / "engine" / "1" / d) for d in spec.tokenizers]
     pipe = Txt2Img(spec, LocalComponents(spec, repo), toks)

@@ -29,8 +29,8 @@ VARIANTS = {p: {"policy": p, "on_hopeless": "drop"} for p in POLICIES[:4]} | {
 SIZES = ((128, 128), (128, 256), (256, 256))
 
 
-def isolated_ms(server, model: str, steps: int, repeats: int, sizes=SIZES, guidance: float = 5.0,
-                **request) -> dict[tuple[int, int], float]:
+def isolated_ms(server, model: str, steps: int, repeats: int, sizes=SIZES,
+                guidance: float = 5.0) -> dict[tuple[int, int], float]:
     """Median latency of lone requests per size (after one warm-up each), through the server."""
     from tessera.client import infer_image, make_client, request_arrays
 
@@ -40,7 +40,7 @@ def isolated_ms(server, model: str, steps: int, repeats: int, sizes=SIZES, guida
         times = []
         for i in range(repeats + 1):
             t0 = time.perf_counter()
-            infer_image(c, "grpc", request_arrays("a red circle at top left", h, w, steps, guidance, i, **request),
+            infer_image(c, "grpc", request_arrays("a red circle at top left", h, w, steps, guidance, i),
                         model=model)
             if i:
                 times.append((time.perf_counter() - t0) * 1e3)

@@ -30,8 +30,8 @@ LAST_STEPS = ("jump", "x0", "none")
 
 def gaussian_entropy(x: np.ndarray) -> float:
     """Mean over channels of 0.5*log(2*pi*e*var) for a latent [1, C, h, w] or [C, h, w]."""
-    x = np.asarray(x, dtype=np.float64).reshape(-1, *np.shape(x)[-2:]) if np.ndim(x) >= 3 else np.asarray(x)
-    var = x.reshape(x.shape[0], -1).var(axis=1) + 1e-12
+    x = np.asarray(x, dtype=np.float64)
+    var = x.reshape(x.shape[-3], -1).var(axis=1) + 1e-12
     return float(np.mean(0.5 * np.log(2 * math.pi * math.e * var)))
 
 

@@ -127,21 +127,16 @@ class Txt2Img:
             uncond, cond = pred.chunk(2)
             pred = uncond + run.params.guidance_scale * (cond - uncond)
         t = run.timesteps[run.step_index]
-        sigma = self._flow_sigma(run)
         out = run.sampler.step(pred, t, run.latents, return_dict=True)
         x0 = getattr(out, "pred_original_sample", None)
         if x0 is None:  # flow matching: x_t = (1 - s) x0 + s noise, the model predicts noise - x0
-            x0 = run.latents - sigma * pred
+            x0 = run.latents - float(run.sampler.sigmas[run.step_index]) * pred
         run.x0 = x0
         run.entropies.append(gaussian_entropy(x0.numpy()))
         run.latents = out.prev_sample
         run.step_index += 1
         if run.jump_last and run.done:
             run.latents = x0
-
-    def _flow_sigma(self, run: RequestRun) -> float:
-        sigmas = getattr(run.sampler, "sigmas", None)
-        return float(sigmas[run.step_index]) if self.spec.family == "sd3" and sigmas is not None else 0.0
 
     def truncate(self, run: RequestRun, total: int, clean: bool = True) -> None:
         """End `run` after `total` steps (never fewer than already done). clean: "one last step" -- the

@@ -101,3 +101,13 @@ def test_inputs_unknown_input_is_named():
     arrays["strength"] = np.array([[0.5]], dtype=np.float32)
     with pytest.raises(InvalidInputError, match="^strength: unknown input"):
         parse_request(arrays, LIMITS)
+
+
+def test_inputs_early_exit_is_an_optional_bool_per_item():
+    (p,) = parse_request(_ok(early_exit=False), LIMITS)
+    assert p.early_exit is False
+    assert parse_request(_ok(), LIMITS)[0].early_exit is None  # absent: the engine's default
+    arrays = _ok()
+    arrays["early_exit"] = np.array([[1]], dtype=np.int32)
+    with pytest.raises(InvalidInputError, match=r"^early_exit: wrong data type; allowed BOOL, got INT32"):
+        parse_request(arrays, LIMITS)
