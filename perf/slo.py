@@ -67,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--overload-s", type=float, default=60.0)
     ap.add_argument("--max-in-flight", type=int, default=48)
+    ap.add_argument("--policies", default=",".join(POLICIES), help="subset of the benchmarked variants")
+    ap.add_argument("--tag", default="", help="suffix of the result files (slo-TAG.json, sim-TAG.json)")
     args = ap.parse_args(argv)
+    policies = tuple(p for p in POLICIES if p in args.policies.split(","))
+    suffix = f"-{args.tag}" if args.tag else ""
 
     import torch
 
@@ -85,26 +89,26 @@ def main(argv: list[str] | None = None) -> int:
     export_pipeline(pipeline, repo, progress=lambda *_: None)
     common = dict(executor="local", max_batch=16, max_in_flight=args.max_in_flight, slo_scale=args.slo_scale,
                   profile_sizes=",".join(f"{h}x{w}" for h, w in SIZES))
-    for p in POLICIES:
+    for p in policies:
         add_engine(repo, "engine", f"engine_{p}", entry=f"txt2img_{p}", **VARIANTS[p], **common)
     traces_dir = RESULTS / "traces"
-    runs, loads = {p: [] for p in POLICIES}, [float(x) for x in args.loads.split(",")]
+    runs, loads = {p: [] for p in policies}, [float(x) for x in args.loads.split(",")]
     with TritonServer(repo, log_path=work / "server.log") as server:
-        for p in POLICIES:  # warm-up (each engine has profiled itself at load: executor local)
+        for p in policies:  # warm-up (each engine has profiled itself at load: executor local)
             try:
                 isolated_ms(server, f"txt2img_{p}", 2, 0)
             except Exception as e:  # noqa: BLE001 - a dropped warm-up request is fine
                 print(f"[tessera] warm-up {p}: {e}")
-        iso = isolated_ms(server, "txt2img_step-fcfs", args.steps, 3)
+        iso = isolated_ms(server, f"txt2img_{policies[0]}", args.steps, 3)  # lone requests: any policy
         slo = {k: args.slo_scale * v for k, v in iso.items()}
         capacity = 1000.0 / float(np.mean(list(iso.values())))  # req/s, equal shares, one at a time
         print(f"[tessera] isolated ms {iso}; capacity ~{capacity:.2f} req/s", flush=True)
         traces = []
         for i, load in enumerate(loads):
             tr = poisson(load * capacity, args.duration, SIZES, (1, 1, 1), args.steps, args.seed + i)
-            tr.save(traces_dir / f"slo-load{load:g}.json")
+            tr.save(traces_dir / f"slo{suffix}-load{load:g}.json")
             traces.append(tr)
-            for p in POLICIES:
+            for p in policies:
                 recs = replay(server.grpc_url, f"engine_{p}", tr, slo, stream=True)
                 summary = summarize(recs, args.duration)
                 summary["load"] = load
@@ -117,12 +121,18 @@ def main(argv: list[str] | None = None) -> int:
                       f"rejected {summary['rejected']} failed {summary['failed']} "
                       f"{next((r.message[:160] for r in recs if r.status == 'error'), '')}", flush=True)
         mape = scrape(server.metrics_url, "tessera_predictor_mape", "engine_slack")
+        # The loop's own time between busy steps, as each served engine measured it: the simulator's
+        # virtual loop spends the same (its one calibration from the served run).
+        gap_s = {p: (scrape(server.metrics_url, "tessera_step_gap_seconds_total", f"engine_{p}") or 0.0)
+                 / max(scrape(server.metrics_url, "tessera_step_gaps_total", f"engine_{p}") or 0.0, 1.0)
+                 for p in policies}
+        print(f"[tessera] served step gap ms {({p: round(v * 1e3, 2) for p, v in gap_s.items()})}", flush=True)
         # Overload: 3x capacity, bounded admission: everyone answered, rejections at once (perf.overload
         # runs it with a tight admission bound, where rejections do happen). --overload-s 0 skips it.
         overload = None
         if args.overload_s > 0:
             over = poisson(3.0 * capacity, args.overload_s, SIZES, (1, 1, 1), args.steps, args.seed + 99)
-            over.save(traces_dir / "slo-overload3x.json")
+            over.save(traces_dir / f"slo{suffix}-overload3x.json")
             recs = replay(server.grpc_url, "engine_slack", over, slo, drain_s=300, stream=True)
             rejected = [r.latency_ms for r in recs if r.status == "rejected"]
             overload = summarize(recs, args.overload_s) | {
@@ -139,32 +149,38 @@ def main(argv: list[str] | None = None) -> int:
     cost = _profile_in_process(repo)
     sim_rows = []
     for load, tr in zip(loads, traces, strict=True):
-        row = {"load": load, "real": {p: runs[p][loads.index(load)]["slo_attainment"] for p in POLICIES}}
+        row = {"load": load, "real": {p: runs[p][loads.index(load)]["slo_attainment"] for p in policies}}
         row["sim"] = {n: {p: sar(simulate(tr, VARIANTS[p]["policy"], cost, slo, instances=n,
-                                          on_hopeless=VARIANTS[p]["on_hopeless"])) for p in POLICIES}
+                                          on_hopeless=VARIANTS[p]["on_hopeless"], gap_s=gap_s[p]))
+                          for p in policies}
                       for n in (1, 2, 4, 8)}
         row["oracle"] = {n: float(np.mean(oracle(tr, cost, slo, instances=n))) for n in (1, 2, 4, 8)}
         sim_rows.append(row)
-    gaps = [abs(r["sim"][1][p] - r["real"][p]) for r in sim_rows for p in POLICIES]
+    gaps = [abs(r["sim"][1][p] - r["real"][p]) for r in sim_rows for p in policies]
 
     best = {}
     for i, load in enumerate(loads):
+        if "image-fcfs" not in runs:
+            break
         base = runs["image-fcfs"][i]["slo_attainment"]
-        top = max(POLICIES[2:], key=lambda p: runs[p][i]["slo_attainment"])
-        full = max(("slack", "rounds"), key=lambda p: runs[p][i]["slo_attainment"])  # every image all its steps
+        ours = [p for p in policies if p not in ("image-fcfs", "step-fcfs")] or ["step-fcfs"]
+        top = max(ours, key=lambda p: runs[p][i]["slo_attainment"])
+        full = max([p for p in ours if VARIANTS[p]["on_hopeless"] == "drop"] or ours,
+                   key=lambda p: runs[p][i]["slo_attainment"])  # every image all its steps
         best[f"{load:g}"] = {"image_fcfs": base, "best_policy": top, "best": runs[top][i]["slo_attainment"],
                              "gain_points": 100 * (runs[top][i]["slo_attainment"] - base),
                              "best_full_steps_policy": full,
                              "gain_points_full_steps": 100 * (runs[full][i]["slo_attainment"] - base)}
-    config = vars(args) | {"sizes": SIZES, "shares": [1, 1, 1], "policies": POLICIES, "model": "tiny UNet",
+    config = vars(args) | {"sizes": SIZES, "shares": [1, 1, 1], "policies": policies, "model": "tiny UNet",
                            "engine": common, "isolated_ms": {f"{h}x{w}": v for (h, w), v in iso.items()},
                            "slo_ms": {f"{h}x{w}": v for (h, w), v in slo.items()}, "capacity_rps": capacity,
                            "baseline": "image-fcfs"}
-    write_result("slo", config, {"policies": runs, "comparison": best, "predictor_mape_out_of_sample": mape,
-                                 "overload": overload})
-    write_result("sim", config, {"rows": sim_rows, "sim_vs_real_max_abs_gap": max(gaps),
-                                 "sim_vs_real_mean_abs_gap": float(np.mean(gaps))})
-    _plots(runs, loads, sim_rows)
+    write_result(f"slo{suffix}", config, {"policies": runs, "comparison": best,
+                                          "predictor_mape_out_of_sample": mape, "overload": overload})
+    write_result(f"sim{suffix}", config, {"rows": sim_rows, "served_step_gap_ms": {p: v * 1e3 for p, v in gap_s.items()},
+                                          "sim_vs_real_max_abs_gap": max(gaps),
+                                          "sim_vs_real_mean_abs_gap": float(np.mean(gaps))})
+    _plots(runs, loads, sim_rows, suffix)
     print(f"predictor MAPE (served, out of sample): {mape}; sim vs real max gap {max(gaps):.3f}")
     return 0
 
@@ -185,14 +201,14 @@ def _profile_in_process(repo: Path):
                          spec.vae_scale_factor, repeats=5)
 
 
-def _plots(runs, loads, sim_rows) -> None:
+def _plots(runs, loads, sim_rows, suffix: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    for p in POLICIES:
+    for p in runs:
         ax.plot(loads, [r["slo_attainment"] for r in runs[p]], marker="o", label=p)
     ax.set_xlabel("offered load (x capacity)")
     ax.set_ylabel("SLO attainment")
@@ -200,7 +216,7 @@ def _plots(runs, loads, sim_rows) -> None:
     ax.legend()
     ax.set_title("Real server, 3 resolutions, SLO = 5x isolated (CPU)")
     fig.tight_layout()
-    fig.savefig(RESULTS / "slo.png", dpi=120)
+    fig.savefig(RESULTS / f"slo{suffix}.png", dpi=120)
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for n in (1, 2, 4, 8):
         ax.plot(loads, [r["sim"][n]["rounds"] for r in sim_rows], marker="o", label=f"rounds, {n} inst.")
@@ -212,7 +228,7 @@ def _plots(runs, loads, sim_rows) -> None:
     ax.legend(fontsize=7)
     ax.set_title("Simulator (dotted: oracle reference)")
     fig.tight_layout()
-    fig.savefig(RESULTS / "sim.png", dpi=120)
+    fig.savefig(RESULTS / f"sim{suffix}.png", dpi=120)
 
 
 if __name__ == "__main__":

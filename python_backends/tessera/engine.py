@@ -152,6 +152,7 @@ class Engine:
         self.running: dict[str, RequestState] = {}
         self.records: deque[StepRecord] = deque(maxlen=history)
         self.step_no = 0
+        self._busy_end_s: float | None = None  # end of the last step, if work was left after it
 
     # -- membership ---------------------------------------------------------------------------------
     def add(self, state: RequestState) -> None:
@@ -191,6 +192,9 @@ class Engine:
     # -- the step ------------------------------------------------------------------------------------
     def step(self, now_s: float, clock=None) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
+        if self._busy_end_s is not None and self.cost is not None:  # the loop's own time between steps
+            self.cost.observe_gap(now_s - self._busy_end_s)
+        self._busy_end_s = None
         # (1) plan; drops are answered at once, degrades shorten waiting requests before they join
         plan = self.policy.schedule(self.view(), now_s)
         for rid, reason in plan.drop:
@@ -248,7 +252,9 @@ class Engine:
         if shape is not None:
             self.cost.predictor.observe(shape, measured)
         end_s = clock() if clock else now_s
-        for s in advancing:
+        # Finishing requests are decoded one by one, earliest deadline first (as CostModel.finish_times
+        # assumes): a small image is not held behind a big one's decode that has time to spare.
+        for s in sorted(advancing, key=lambda s: s.deadline_s):
             s.step_s.append(end_s)
             if s.run.done:
                 self.running.pop(s.request_id)
@@ -264,6 +270,8 @@ class Engine:
             elif s.progress:
                 preview = self.pipeline.preview(s.run) if s.preview else None
                 outputs.append(RequestOutput(s.request_id, False, s.step_index, s.params.num_steps, preview))
+        if self.has_work():
+            self._busy_end_s = clock() if clock else None
         # (6) record
         self.records.append(
             StepRecord(

@@ -15,7 +15,7 @@ state, tensors or executors, so perf/simulate.py replays the same code on a virt
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .engine import EngineView, RequestState, StepPlan
 from .errors import ConfigError
@@ -33,13 +33,24 @@ class CostModel:
     start_s: float = 0.0  # per joining request
     finish_base_s: float = 0.0  # per finishing request
     finish_s_per_cell: float = 0.0
+    gap_s: float = 0.0  # loop time between engine steps (responses, admissions, cancellation checks),
+    # measured by the engine while it is busy; part of every step as the policies plan it
+
+    gaps: int = 0  # gaps observed, and their total (for the long-run mean)
+    gap_total_s: float = 0.0
+
+    def observe_gap(self, seconds: float, alpha: float = 0.05) -> None:
+        seconds = max(seconds, 0.0)
+        self.gap_s += alpha * (seconds - self.gap_s)
+        self.gaps += 1
+        self.gap_total_s += seconds
 
     def shape(self, states) -> BatchShape:
         f = self.vae_factor
         return BatchShape(tuple((s.params.height // f, s.params.width // f, 2 if s.params.do_cfg else 1) for s in states))
 
     def step_s(self, states) -> float:
-        return self.predictor.predict(self.shape(states)) if states else 0.0
+        return self.predictor.predict(self.shape(states)) + self.gap_s if states else 0.0
 
     def finish_s(self, s: RequestState) -> float:
         f = self.vae_factor
@@ -55,9 +66,10 @@ class CostModel:
 
     def finish_times(self, states, now_s: float) -> dict[str, float]:
         """Predicted finish of each request if `states` run together from now, nobody else joining:
-        the batch shrinks as members finish; joins and decodes hold the (single) loop."""
+        the batch shrinks as members finish; joins and decodes hold the (single) loop (the engine decodes
+        requests finishing together earliest deadline first)."""
         t = now_s + sum(self.start_s for s in states if s.run is None)
-        active = sorted(states, key=lambda s: s.steps_left)
+        active = sorted(states, key=lambda s: (s.steps_left, s.deadline_s))  # decodes: earliest deadline first
         done_steps = 0
         out = {}
         while active:
@@ -117,6 +129,7 @@ class _DeadlinePolicy:
                 drop.append((s.request_id, self._reason(s, now_s)))
         shorter = dict(degrade)
         waiting = [_with_steps(s, shorter[s.request_id]) if s.request_id in shorter else s for s in waiting]
+        running = [_with_budget(s, shorter[s.request_id]) if s.request_id in shorter else s for s in running]
         return waiting, running, tuple(drop), tuple(degrade)
 
     def _fitting_steps(self, s: RequestState, now_s: float, joined: bool = False) -> int:
@@ -133,9 +146,20 @@ class _DeadlinePolicy:
 
 def _with_steps(s: RequestState, steps: int) -> RequestState:
     """A view copy of a waiting request with fewer steps (for predictions only)."""
-    from dataclasses import replace
-
     return replace(s, params=replace(s.params, num_steps=steps))
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """Stands in for a running request's run in a view copy: its progress under a lowered step total."""
+
+    step_index: int
+    steps_left: int
+
+
+def _with_budget(s: RequestState, total: int) -> RequestState:
+    """A view copy of a running request that will end after `total` steps (for predictions only)."""
+    return replace(s, run=_Budget(s.step_index, max(total - s.step_index, 0)))
 
 
 class StepFcfsPolicy:
@@ -220,19 +244,54 @@ class RoundsPolicy(_DeadlinePolicy):
             keep = tuple(s.request_id for s in view.running if s.request_id in view.last_advance)
             return StepPlan((), keep)
         waiting, running, drop, degrade = self.triage(view, now_s)
-        candidates = sorted(running + waiting, key=lambda s: s.deadline_s)
-        chosen: list[RequestState] = []
-        for s in candidates:  # EDF packing: keep a member only if everyone chosen stays on time
-            if len(chosen) >= self.max_batch:
-                break
-            trial = chosen + [s]
-            if _on_time(self.cost, trial, now_s, {x.request_id for x in trial}):
-                chosen = trial
-        if not chosen and candidates:  # nobody can be on time together: best effort for the earliest
-            chosen = candidates[:1]
+        committed = self.admit(sorted(running + waiting, key=lambda s: s.deadline_s), now_s)
+        chosen = self.pack(committed, now_s) or sorted(running + waiting, key=lambda s: s.deadline_s)[:1]
+        # (nobody can be on time: best effort for the earliest deadline)
         running_ids = {s.request_id for s in running}
         join = tuple(s.request_id for s in chosen if s.request_id not in running_ids)
         return StepPlan(join, tuple(s.request_id for s in chosen), drop, degrade)
+
+    def admit(self, edf: list[RequestState], now_s: float) -> list[RequestState]:
+        """Moore-Hodgson on the serial EDF plan: the most requests that can all make their deadlines if
+        run one after another in deadline order (optimal for one machine, jobs available now). Whenever
+        the plan turns late, the longest remaining request so far is set aside: it waits, paused if it
+        was running, and rejoins a later round if time frees up (or is dropped once hopeless)."""
+        kept: list[RequestState] = []
+        t = now_s
+        for s in edf:
+            kept.append(s)
+            t += self.cost.alone_s(s)
+            if t > s.deadline_s:
+                longest = max(kept, key=self.cost.alone_s)
+                kept.remove(longest)
+                t -= self.cost.alone_s(longest)
+        return kept
+
+    def pack(self, committed: list[RequestState], now_s: float) -> list[RequestState]:
+        """This round's batch: the earliest deadline, plus each later committed request whose batching
+        keeps every committed request on time (the batch runs together, the rest after it in EDF order)."""
+        if not committed:
+            return []
+        chosen = committed[:1]
+        for s in committed[1:]:
+            if len(chosen) >= self.max_batch:
+                break
+            if self._plan_on_time(chosen + [s], committed, now_s):
+                chosen = chosen + [s]
+        return chosen
+
+    def _plan_on_time(self, batch, committed, now_s: float) -> bool:
+        ft = self.cost.finish_times(batch, now_s)
+        if any(ft[s.request_id] > s.deadline_s for s in batch):
+            return False
+        t = max(ft.values())
+        ids = set(ft)
+        for s in committed:
+            if s.request_id not in ids:
+                t += self.cost.alone_s(s)
+                if t > s.deadline_s:
+                    return False
+        return True
 
 
 POLICIES = {p.name: p for p in (ImageFcfsPolicy, StepFcfsPolicy, SlackPolicy, RoundsPolicy)}

@@ -95,6 +95,44 @@ def test_rounds_replans_only_at_boundaries_and_pauses_to_save_deadlines():
     assert plan.join == () and plan.advance == ("big",), "no change between round boundaries"
 
 
+def test_rounds_sets_aside_the_longest_request_that_would_make_the_plan_late():
+    """Moore-Hodgson on the serial EDF plan: "big" (5.22 s alone) would push "c" past its deadline after
+    "a"; it is set aside (waits, not dropped: alone it still fits), and both small ones are served."""
+    cost = cost_model()
+    a = req("a", steps=10, deadline=2.0)  # 64 px: 1.38 s alone
+    big = req("big", size=128, steps=10, deadline=6.0, arrival=0.01)  # 5.22 s alone
+    c = req("c", steps=10, deadline=6.5, arrival=0.02)
+    policy = RoundsPolicy(cost=cost)
+    assert [s.request_id for s in policy.admit([a, big, c], 0.0)] == ["a", "c"]
+    plan = policy.schedule(EngineView((a, big, c), ()), 0.0)
+    assert plan.drop == () and "big" not in plan.advance
+    # a and c batched: 10 x 0.266 = 2.66 s > a's 2.0 s deadline, so a runs alone this round ...
+    assert plan.advance == ("a",)
+    # ... but with room for both, they share the round's steps
+    roomy = req("a", steps=10, deadline=3.0)
+    assert RoundsPolicy(cost=cost).schedule(EngineView((roomy, c), ()), 0.0).advance == ("a", "c")
+
+
+def test_finish_times_decode_earliest_deadline_first():
+    """Requests finishing in the same step are decoded earliest deadline first (as the engine does)."""
+    cost = cost_model()
+    cost.finish_base_s = 1.0
+    late = req("late", started_steps_left=1, deadline=9.0)
+    early = req("early", started_steps_left=1, deadline=2.0)
+    ft = cost.finish_times([late, early], 0.0)
+    step = 0.01 + 0.256
+    assert ft["early"] == pytest.approx(step + 1.0) and ft["late"] == pytest.approx(step + 2.0)
+
+
+def test_step_gap_is_part_of_every_planned_step():
+    cost = cost_model()
+    alone = cost.step_s([req("a")])
+    for _ in range(200):
+        cost.observe_gap(0.02)
+    assert cost.step_s([req("a")]) == pytest.approx(alone + 0.02, rel=1e-3)
+    assert cost.gaps == 200 and cost.gap_total_s == pytest.approx(4.0)
+
+
 def test_predictor_fits_and_reports_out_of_sample_error():
     rng = np.random.default_rng(0)
     truth = lambda sh: 0.004 + 0.0002 * sh.features()[1] + 0.001 * sh.features()[3]  # noqa: E731

@@ -5,7 +5,7 @@ instance with the least predicted backlog. `oracle` gives an optimistic referenc
 
 from __future__ import annotations
 
-import heapq
+import copy
 import math
 import time
 from dataclasses import dataclass, replace
@@ -71,7 +71,7 @@ class _SimDenoiser:
 
     def run(self, runs):
         states = [RequestState("x", r.params, 0.0) for r in runs]
-        self.clock.t += self.cost.step_s(states)
+        self.clock.t += self.cost.predictor.predict(self.cost.shape(states))  # the denoiser's time only
         n = len(runs)
         return [None] * n, CallStats((n,), (len({(r.params.height, r.params.width) for r in runs}),), (n,))
 
@@ -105,13 +105,18 @@ class SimResult:
 
 def simulate(trace: Trace, policy: str, cost: CostModel, slo_ms: dict, instances: int = 1, max_batch: int = 16,
              on_hopeless: str = "drop", round_steps: int = 5, guidance: float = 5.0,
-             charge_policy: bool = True) -> list[SimResult]:
+             charge_policy: bool = True, gap_s: float | None = None) -> list[SimResult]:
     """charge_policy: the policy's own compute time (measured on this host while simulating) advances the
-    virtual clock, as it holds the real engine loop (slack's schedulability tests grow with the queue)."""
+    virtual clock, as it holds the real engine loop (slack's schedulability tests grow with the queue).
+    gap_s: the loop's time between engine steps (responses, admissions), as the served engine measured it
+    (metric tessera_step_gap_seconds; default: the cost model's); the virtual loop spends it after every busy step."""
+    gap_s = cost.gap_s if gap_s is None else gap_s
     clocks = [VirtualClock() for _ in range(instances)]
     engines = []
     for c in clocks:
-        sim_cost = replace(cost)  # same predictor object is fine: exact observations do not move the fit
+        # Own copies: the engine refits its predictor from what the virtual loop "measures", and one
+        # simulation must not leave anything behind for the next.
+        sim_cost = replace(cost, predictor=copy.deepcopy(cost.predictor), gap_s=gap_s, gaps=0, gap_total_s=0.0)
         pol = _Timed(make_policy(policy, max_batch=max_batch, cost=sim_cost, on_hopeless=on_hopeless,
                                  round_steps=round_steps), c) if charge_policy else \
             make_policy(policy, max_batch=max_batch, cost=sim_cost, on_hopeless=on_hopeless, round_steps=round_steps)
@@ -137,6 +142,8 @@ def simulate(trace: Trace, policy: str, cost: CostModel, slo_ms: dict, instances
         _, i = min(busy)
         before = clocks[i].t
         outs = engines[i].step(clocks[i].t, clocks[i])
+        if engines[i].has_work():
+            clocks[i].t += gap_s
         for o in outs:
             if o.final:
                 res = results[o.request_id]

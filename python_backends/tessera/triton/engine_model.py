@@ -145,6 +145,14 @@ class TritonPythonModel:
             name="tessera_predictor_mape", description="Step-latency predictor: mean abs % error, out of sample",
             kind=pb_utils.MetricFamily.GAUGE)
         self.m_mape = self.families["tessera_predictor_mape"].Metric(labels=labels)
+        self.families["tessera_step_gap_seconds"] = pb_utils.MetricFamily(
+            name="tessera_step_gap_seconds", kind=pb_utils.MetricFamily.GAUGE,
+            description="Loop time between busy engine steps (responses, admissions), moving average; "
+                        "the deadline policies add it to every predicted step")
+        self.m_gap = self.families["tessera_step_gap_seconds"].Metric(labels=labels)
+        self.m_gap_total = counter("tessera_step_gap_seconds_total", "Loop time between busy engine steps, summed")
+        self.m_gaps = counter("tessera_step_gaps_total", "Gaps between busy engine steps measured")
+        self._gaps_seen, self._gap_total_seen = 0, 0.0
         self.families["tessera_in_flight_requests"] = pb_utils.MetricFamily(
             name="tessera_in_flight_requests", description="Requests accepted and not yet answered",
             kind=pb_utils.MetricFamily.GAUGE)
@@ -165,6 +173,11 @@ class TritonPythonModel:
         mape = self.cost.predictor.mape
         if mape is not None:
             self.m_mape.set(mape)
+        self.m_gap.set(self.cost.gap_s)
+        if self.cost.gaps > self._gaps_seen:
+            self.m_gaps.increment(self.cost.gaps - self._gaps_seen)
+            self.m_gap_total.increment(self.cost.gap_total_s - self._gap_total_seen)
+        self._gaps_seen, self._gap_total_seen = self.cost.gaps, self.cost.gap_total_s
         fresh = []
         for r in reversed(self.engine.records):  # newest first: stop at the first record already seen
             if r.step_no < self._seen_records:
