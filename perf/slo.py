@@ -50,12 +50,25 @@ def isolated_ms(server, model: str, steps: int, repeats: int, sizes=SIZES,
     return out
 
 
-def scrape(url: str, name: str, model: str) -> float | None:
+def scrape_all(url: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample of one metric from Triton's Prometheus text: (labels, value)."""
     text = urllib.request.urlopen(url, timeout=5).read().decode()
+    out = []
     for line in text.splitlines():
-        if line.startswith(f'{name}{{model="{model}"}}'):
-            return float(line.split()[-1])
-    return None
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) + 1:].rsplit("} ", 1)
+            pairs = (kv.split("=", 1) for kv in labels.split(",") if kv)
+            out.append(({k: v.strip('"') for k, v in pairs}, float(value)))
+    return out
+
+
+def scrape(url: str, name: str, model: str) -> float | None:
+    return next((v for labels, v in scrape_all(url, name) if labels == {"model": model}), None)
+
+
+def served_terms(url: str, model: str) -> dict[str, float]:
+    """The cost model a served engine plans with at the end of the run (metric tessera_cost_model)."""
+    return {labels["term"]: v for labels, v in scrape_all(url, "tessera_cost_model") if labels.get("model") == model}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from tessera.bench.loadgen import replay, summarize
     from tessera.bench.simulate import oracle, sar, simulate
     from tessera.bench.traces import poisson
+    from tessera.scheduler import CostModel
     from tessera.server import TritonServer
     from tessera_export.repository import add_engine, export_pipeline
     from tessera_export.tiny import build_tiny
@@ -127,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                  / max(scrape(server.metrics_url, "tessera_step_gaps_total", f"engine_{p}") or 0.0, 1.0)
                  for p in policies}
         print(f"[tessera] served step gap ms {({p: round(v * 1e3, 2) for p, v in gap_s.items()})}", flush=True)
+        terms = {p: served_terms(server.metrics_url, f"engine_{p}") for p in policies}
         # Overload: 3x capacity, bounded admission: everyone answered, rejections at once (perf.overload
         # runs it with a tight admission bound, where rejections do happen). --overload-s 0 skips it.
         overload = None
@@ -145,16 +160,23 @@ def main(argv: list[str] | None = None) -> int:
                   f"{len(rejected)} rejected (max {overload['rejection_latency_ms_max']} ms), "
                   f"ready after: {overload['server_ready_after']}", flush=True)
 
-    # The simulator on the same traces, from a cost model profiled in-process with the same executors.
+    # The simulator on the same traces. Costs: each policy's served engine's own cost model at the end of
+    # the run (start-up profile + online refits, metric tessera_cost_model) with its mean loop gap; for
+    # comparison, rounds also from a cost model profiled in-process after the run (same executors).
     cost = _profile_in_process(repo)
+    served = {p: CostModel.from_terms(terms[p], cost.vae_factor) if terms[p] else cost for p in policies}
     sim_rows = []
     for load, tr in zip(loads, traces, strict=True):
         row = {"load": load, "real": {p: runs[p][loads.index(load)]["slo_attainment"] for p in policies}}
-        row["sim"] = {n: {p: sar(simulate(tr, VARIANTS[p]["policy"], cost, slo, instances=n,
+        row["sim"] = {n: {p: sar(simulate(tr, VARIANTS[p]["policy"], served[p], slo, instances=n,
                                           on_hopeless=VARIANTS[p]["on_hopeless"], gap_s=gap_s[p]))
                           for p in policies}
                       for n in (1, 2, 4, 8)}
-        row["oracle"] = {n: float(np.mean(oracle(tr, cost, slo, instances=n))) for n in (1, 2, 4, 8)}
+        row["sim_in_process_profile"] = {p: sar(simulate(tr, VARIANTS[p]["policy"], cost, slo,
+                                                         on_hopeless=VARIANTS[p]["on_hopeless"], gap_s=gap_s[p]))
+                                         for p in policies}
+        ref = served.get("rounds", cost)
+        row["oracle"] = {n: float(np.mean(oracle(tr, ref, slo, instances=n))) for n in (1, 2, 4, 8)}
         sim_rows.append(row)
     gaps = [abs(r["sim"][1][p] - r["real"][p]) for r in sim_rows for p in policies]
 
@@ -178,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     write_result(f"slo{suffix}", config, {"policies": runs, "comparison": best,
                                           "predictor_mape_out_of_sample": mape, "overload": overload})
     write_result(f"sim{suffix}", config, {"rows": sim_rows, "served_step_gap_ms": {p: v * 1e3 for p, v in gap_s.items()},
+                                          "served_cost_terms": terms, "in_process_cost_terms": cost.terms(),
+                                          "sim_in_process_profile_vs_real_mean_abs_gap": float(np.mean(
+                                              [abs(r["sim_in_process_profile"][p] - r["real"][p])
+                                               for r in sim_rows for p in policies])),
                                           "sim_vs_real_max_abs_gap": max(gaps),
                                           "sim_vs_real_mean_abs_gap": float(np.mean(gaps))})
     _plots(runs, loads, sim_rows, suffix)

@@ -41,6 +41,9 @@ class EngineConfig:
     """Degrade never goes below this many steps (or the steps asked, if fewer)."""
     round_steps: int = 5
     """rounds: re-plan every this many engine steps."""
+    deadline_margin: float = 0.1
+    """slack/rounds: plan as if the predicted time still to run were this fraction longer (step-time
+    jitter; 0 plans on the predictions exactly). Hopeless still means hopeless on the bare prediction."""
     early_exit: str = "off"
     """Entropy early exit for requests that do not say (their `early_exit` input overrides): off, on."""
     exit_epsilon: float = 0.002
@@ -71,6 +74,8 @@ class EngineConfig:
         self.exit_rule()  # validates exit_* and last_step
         if self.on_hopeless not in ("drop", "degrade"):
             raise ConfigError(f"on_hopeless: unknown value; allowed drop, degrade, got {self.on_hopeless!r}")
+        if not 0 <= self.deadline_margin <= 1:
+            raise ConfigError(f"deadline_margin: allowed [0, 1], got {self.deadline_margin}")
         if not self.slo_scale > 0:
             raise ConfigError(f"slo_scale: allowed > 0, got {self.slo_scale}")
         for name in ("max_batch", "max_in_flight", "intra_op_threads", "tile_size", "min_steps", "round_steps"):

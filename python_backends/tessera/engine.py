@@ -215,8 +215,11 @@ class Engine:
             state = self.waiting.pop(rid)
             if self.cost is not None and state.isolated_s > 0:
                 state.slack_at_join = (state.deadline_s - now_s - self.cost.alone_s(state)) / state.isolated_s
+            t_join = self.clock()
             try:
                 state.run = self.pipeline.start(state.params)
+                if self.cost is not None:
+                    self.cost.observe_start(self.clock() - t_join)
             except Exception as e:  # noqa: BLE001 - one bad request must not stop the loop
                 log.exception("[tessera] request %s failed to start", rid)
                 state.done_s = now_s
@@ -258,8 +261,11 @@ class Engine:
             s.step_s.append(end_s)
             if s.run.done:
                 self.running.pop(s.request_id)
+                t_finish = self.clock()
                 try:
                     image = self.pipeline.finish(s.run)
+                    if self.cost is not None:
+                        self.cost.observe_finishes([(self.cost.cells(s), self.clock() - t_finish)])
                 except Exception as e:  # noqa: BLE001
                     s.done_s = clock() if clock else end_s
                     outputs.append(self._final(s, FinishReason.ERROR, error=e))

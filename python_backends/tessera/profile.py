@@ -3,9 +3,13 @@ return the CostModel that deadlines (k x isolated latency) and the deadline poli
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 from .engine import RequestState
 from .predictor import BatchShape, LatencyPredictor
@@ -26,9 +30,28 @@ def default_sizes(limits) -> list[tuple[int, int]]:
     return sizes
 
 
+@contextlib.contextmanager
+def host_lock(path: Path | None = None):
+    """One start-up profile at a time on this host: Triton loads models in parallel, and engines timing
+    themselves side by side on shared cores measured each other (VAE decode per cell 0.06 to 0.23 ms
+    across five engines of one server)."""
+    path = path or Path(tempfile.gettempdir()) / "tessera-profile.lock"
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def profile_costs(pipeline, denoiser, sizes: list[tuple[int, int]], vae_factor: int, repeats: int = 3,
                   clock=time.perf_counter, into: CostModel | None = None) -> CostModel:
     """Profile and return the CostModel; with `into`, fill that (shared) one in place."""
+    with host_lock():
+        return _profile(pipeline, denoiser, sizes, vae_factor, repeats, clock, into)
+
+
+def _profile(pipeline, denoiser, sizes, vae_factor, repeats, clock, into) -> CostModel:
     params = [GenerationParams("profile", "", h, w, 50, 5.0, i) for i, (h, w) in enumerate(sizes)]
     starts, finishes, samples = [], [], []
     runs, run_params = [], []
@@ -77,16 +100,10 @@ def profile_costs(pipeline, denoiser, sizes: list[tuple[int, int]], vae_factor: 
         cells.append((h // vae_factor) * (w // vae_factor))
     predictor = into.predictor if into is not None else LatencyPredictor()
     predictor.fit(samples)
-    # finish = base + per_cell * cells, least squares over the profiled sizes
-    if len(set(cells)) > 1:
-        mc, mf = statistics.fmean(cells), statistics.fmean(finishes)
-        per_cell = sum((c - mc) * (f - mf) for c, f in zip(cells, finishes, strict=True)) / sum((c - mc) ** 2 for c in cells)
-        per_cell = max(per_cell, 0.0)
-        base = max(mf - per_cell * mc, 0.0)
-    else:
-        per_cell, base = 0.0, finishes[0]
     cost = into or CostModel(predictor, vae_factor)
-    cost.start_s, cost.finish_base_s, cost.finish_s_per_cell = statistics.median(starts), base, per_cell
+    cost.start_s = statistics.median(starts)
+    cost.observe_finishes(zip(cells, finishes, strict=True))
+    base, per_cell = cost.finish_base_s, cost.finish_s_per_cell
     log.info("[tessera] profile: %d step samples, join %.1f ms, finish %.1f ms + %.3f ms/cell, sizes %s",
              len(samples), cost.start_s * 1e3, base * 1e3, per_cell * 1e3, sizes)
     return cost

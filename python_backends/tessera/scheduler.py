@@ -15,7 +15,10 @@ state, tensors or executors, so perf/simulate.py replays the same code on a virt
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from .engine import EngineView, RequestState, StepPlan
 from .errors import ConfigError
@@ -26,7 +29,9 @@ HOPELESS = ("drop", "degrade")
 
 @dataclass
 class CostModel:
-    """Predicted time of steps, joins (prompt encoding) and finishes (VAE decode) on one engine."""
+    """Predicted time of steps, joins (prompt encoding) and finishes (VAE decode) on one engine. Seeded by
+    the start-up profile; the engine keeps every term current from what it serves (the predictor is
+    refit from served steps, joins and finishes from served joins and decodes, the loop gap measured)."""
 
     predictor: LatencyPredictor
     vae_factor: int
@@ -35,15 +40,56 @@ class CostModel:
     finish_s_per_cell: float = 0.0
     gap_s: float = 0.0  # loop time between engine steps (responses, admissions, cancellation checks),
     # measured by the engine while it is busy; part of every step as the policies plan it
-
     gaps: int = 0  # gaps observed, and their total (for the long-run mean)
     gap_total_s: float = 0.0
+    finishes: deque = field(default_factory=lambda: deque(maxlen=64))  # recent (latent cells, seconds)
 
     def observe_gap(self, seconds: float, alpha: float = 0.05) -> None:
         seconds = max(seconds, 0.0)
         self.gap_s += alpha * (seconds - self.gap_s)
         self.gaps += 1
         self.gap_total_s += seconds
+
+    def observe_start(self, seconds: float, alpha: float = 0.05) -> None:
+        self.start_s += alpha * (max(seconds, 0.0) - self.start_s)
+
+    def cells(self, s: RequestState) -> int:
+        return (s.params.height // self.vae_factor) * (s.params.width // self.vae_factor)
+
+    def observe_finishes(self, samples) -> None:
+        """(latent cells, seconds) of decodes; finish = base + per_cell x cells, least squares over the
+        recent window (one size only in the window: the line is rescaled to it)."""
+        self.finishes.extend(samples)
+        cells = np.array([c for c, _ in self.finishes], dtype=np.float64)
+        secs = np.array([t for _, t in self.finishes], dtype=np.float64)
+        if len(cells) == 0:
+            return
+        if len(set(cells.tolist())) > 1:
+            per_cell = max(float(np.polyfit(cells, secs, 1)[0]), 0.0)
+            self.finish_s_per_cell = per_cell
+            self.finish_base_s = max(float(np.mean(secs - per_cell * cells)), 0.0)
+        else:
+            now = self.finish_base_s + self.finish_s_per_cell * cells[0]
+            if now > 0:
+                k = float(np.mean(secs)) / now
+                self.finish_base_s, self.finish_s_per_cell = self.finish_base_s * k, self.finish_s_per_cell * k
+            else:
+                self.finish_s_per_cell = float(np.mean(secs)) / max(cells[0], 1.0)
+
+    def terms(self) -> dict[str, float]:
+        """Every number the policies plan with (exported as metrics; the simulator can replay them)."""
+        names = ("const", "cells", "requests", "resolutions", "rows")
+        return {"start_s": self.start_s, "finish_base_s": self.finish_base_s,
+                "finish_s_per_cell": self.finish_s_per_cell, "gap_s": self.gap_s,
+                **{f"step_{n}": float(c) for n, c in zip(names, self.predictor.coef, strict=True)}}
+
+    @classmethod
+    def from_terms(cls, terms: dict[str, float], vae_factor: int) -> CostModel:
+        names = ("const", "cells", "requests", "resolutions", "rows")
+        pred = LatencyPredictor()
+        pred.coef = np.array([terms[f"step_{n}"] for n in names], dtype=np.float64)
+        return cls(pred, vae_factor, terms["start_s"], terms["finish_base_s"], terms["finish_s_per_cell"],
+                   terms["gap_s"])
 
     def shape(self, states) -> BatchShape:
         f = self.vae_factor
@@ -53,8 +99,7 @@ class CostModel:
         return self.predictor.predict(self.shape(states)) + self.gap_s if states else 0.0
 
     def finish_s(self, s: RequestState) -> float:
-        f = self.vae_factor
-        return self.finish_base_s + self.finish_s_per_cell * (s.params.height // f) * (s.params.width // f)
+        return self.finish_base_s + self.finish_s_per_cell * self.cells(s)
 
     def alone_s(self, s: RequestState, steps: int | None = None) -> float:
         """Remaining time if `s` ran alone from now (join included if it has not started)."""
@@ -83,19 +128,26 @@ class CostModel:
         return out
 
 
-def _on_time(cost: CostModel, states, now_s: float, must: set[str]) -> bool:
+def _on_time(cost: CostModel, states, now_s: float, must: set[str], margin: float = 0.0) -> bool:
     ft = cost.finish_times(states, now_s)
-    return all(ft[s.request_id] <= s.deadline_s for s in states if s.request_id in must)
+    return all(_fits(ft[s.request_id], s, now_s, margin) for s in states if s.request_id in must)
+
+
+def _fits(finish_s: float, s: RequestState, now_s: float, margin: float) -> bool:
+    """A predicted finish meets the deadline with the time still to run stretched by `margin`."""
+    return now_s + (finish_s - now_s) * (1.0 + margin) <= s.deadline_s
 
 
 class _DeadlinePolicy:
     """Shared by slack and rounds: hopeless handling (drop, or degrade to fewer steps: re-spaced at join,
     cut short with one last step while running)."""
 
-    def __init__(self, max_batch: int, cost: CostModel, on_hopeless: str = "drop", min_steps: int = 4):
+    def __init__(self, max_batch: int, cost: CostModel, on_hopeless: str = "drop", min_steps: int = 4,
+                 margin: float = 0.1):
         if on_hopeless not in HOPELESS:
             raise ConfigError(f"on_hopeless: unknown value; allowed {', '.join(HOPELESS)}, got {on_hopeless!r}")
         self.max_batch, self.cost, self.on_hopeless, self.min_steps = max_batch, cost, on_hopeless, min_steps
+        self.margin = margin  # planned time still to run is stretched by this fraction (jitter)
 
     def hopeless(self, s: RequestState, now_s: float) -> bool:
         return now_s + self.cost.alone_s(s) > s.deadline_s
@@ -194,8 +246,8 @@ class SlackPolicy(_DeadlinePolicy):
     name = "slack"
 
     def __init__(self, max_batch: int = 16, cost: CostModel | None = None, on_hopeless: str = "drop",
-                 min_steps: int = 4, relaxed_slack: float = 2.0, **_):
-        super().__init__(max_batch, cost, on_hopeless, min_steps)
+                 min_steps: int = 4, relaxed_slack: float = 2.0, margin: float = 0.1, **_):
+        super().__init__(max_batch, cost, on_hopeless, min_steps, margin)
         self.relaxed_slack = relaxed_slack
 
     def slack(self, s: RequestState, now_s: float) -> float:
@@ -213,11 +265,12 @@ class SlackPolicy(_DeadlinePolicy):
                 join.append(s)
             batch += join
         else:
-            on_time = {s.request_id for s, t in zip(batch, self._finishes(batch, now_s), strict=True) if t <= s.deadline_s}
+            on_time = {s.request_id for s, t in zip(batch, self._finishes(batch, now_s), strict=True)
+                       if _fits(t, s, now_s, self.margin)}
             for s in sorted(waiting, key=lambda s: self.slack(s, now_s)):
                 if len(batch) >= self.max_batch:
                     break
-                if _on_time(self.cost, batch + [s], now_s, on_time | {s.request_id}):
+                if _on_time(self.cost, batch + [s], now_s, on_time | {s.request_id}, self.margin):
                     batch.append(s)
                     join.append(s)
                     on_time.add(s.request_id)
@@ -233,8 +286,8 @@ class RoundsPolicy(_DeadlinePolicy):
     name = "rounds"
 
     def __init__(self, max_batch: int = 16, cost: CostModel | None = None, on_hopeless: str = "drop",
-                 min_steps: int = 4, round_steps: int = 5, **_):
-        super().__init__(max_batch, cost, on_hopeless, min_steps)
+                 min_steps: int = 4, round_steps: int = 5, margin: float = 0.1, **_):
+        super().__init__(max_batch, cost, on_hopeless, min_steps, margin)
         self.round_steps = round_steps
 
     def schedule(self, view: EngineView, now_s: float) -> StepPlan:
@@ -261,7 +314,7 @@ class RoundsPolicy(_DeadlinePolicy):
         for s in edf:
             kept.append(s)
             t += self.cost.alone_s(s)
-            if t > s.deadline_s:
+            if not _fits(t, s, now_s, self.margin):
                 longest = max(kept, key=self.cost.alone_s)
                 kept.remove(longest)
                 t -= self.cost.alone_s(longest)
@@ -282,14 +335,14 @@ class RoundsPolicy(_DeadlinePolicy):
 
     def _plan_on_time(self, batch, committed, now_s: float) -> bool:
         ft = self.cost.finish_times(batch, now_s)
-        if any(ft[s.request_id] > s.deadline_s for s in batch):
+        if not all(_fits(ft[s.request_id], s, now_s, self.margin) for s in batch):
             return False
         t = max(ft.values())
         ids = set(ft)
         for s in committed:
             if s.request_id not in ids:
                 t += self.cost.alone_s(s)
-                if t > s.deadline_s:
+                if not _fits(t, s, now_s, self.margin):
                     return False
         return True
 

@@ -76,7 +76,7 @@ def test_hopeless_dropped_with_reason_or_degraded():
     assert plan.join == () and len(plan.drop) == 1
     rid, reason = plan.drop[0]
     assert rid == "h" and reason.startswith("deadline cannot be met: predicted finish 2760 ms")
-    plan = SlackPolicy(cost=cost, on_hopeless="degrade", min_steps=4).schedule(EngineView((hopeless,), ()), 0.0)
+    plan = SlackPolicy(cost=cost, on_hopeless="degrade", min_steps=4, margin=0.0).schedule(EngineView((hopeless,), ()), 0.0)
     assert plan.drop == () and plan.degrade == (("h", 7),) and plan.join == ("h",)  # 7 x 0.138 <= 1 s
     too_tight = req("t", steps=20, deadline=0.3)  # 2 steps would fit: below the floor of 4
     plan = SlackPolicy(cost=cost, on_hopeless="degrade", min_steps=4).schedule(EngineView((too_tight,), ()), 0.0)
@@ -88,7 +88,9 @@ def test_rounds_replans_only_at_boundaries_and_pauses_to_save_deadlines():
     late_maker = req("big", size=128, started_steps_left=20, deadline=100.0)  # 16x16 cells: slow step
     urgent = req("u", steps=5, deadline=5 * 0.138 + 0.05)  # on time only if it runs alone
     view = EngineView((urgent,), (late_maker,), step_no=10, last_advance=frozenset({"big"}))
-    plan = RoundsPolicy(cost=cost, round_steps=5).schedule(view, 0.0)
+    with_margin = RoundsPolicy(cost=cost, round_steps=5, margin=0.1).schedule(view, 0.0)
+    assert with_margin.advance == ("big",), "0.74 s stretched by 10% misses 0.74 s: u is set aside"
+    plan = RoundsPolicy(cost=cost, round_steps=5, margin=0.0).schedule(view, 0.0)
     assert plan.join == ("u",) and plan.advance == ("u",), "the big request pauses for this round"
     mid = EngineView((urgent,), (late_maker,), step_no=11, last_advance=frozenset({"big"}))
     plan = RoundsPolicy(cost=cost, round_steps=5).schedule(mid, 0.0)
@@ -177,3 +179,16 @@ def test_running_hopeless_request_gets_a_step_budget_in_degrade_mode():
     fine = req("f", steps=20, deadline=100.0, started_steps_left=15)
     plan = SlackPolicy(cost=cost, on_hopeless="degrade").schedule(EngineView((), (fine,)), 0.0)
     assert plan.degrade == () and plan.drop == ()
+
+
+def test_cost_model_refits_finishes_and_round_trips_its_terms():
+    cost = cost_model()
+    cost.observe_finishes([(64, 0.1), (256, 0.4)])  # 64 px and 128 px latents: 0.1 s + 0 base, linear
+    assert cost.finish_s_per_cell == pytest.approx(0.3 / 192) and cost.finish_base_s == pytest.approx(0.1 - 64 * 0.3 / 192)
+    for _ in range(64):  # the window forgets: decodes got twice as slow
+        cost.observe_finishes([(64, 0.2), (256, 0.8)])
+    assert cost.finish_s(req("a", size=128)) == pytest.approx(0.8)
+    cost.observe_gap(0.01)
+    again = CostModel.from_terms(cost.terms(), cost.vae_factor)
+    a = req("a", size=128, steps=7)
+    assert again.isolated_s(a) == pytest.approx(cost.isolated_s(a))

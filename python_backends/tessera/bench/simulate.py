@@ -104,7 +104,7 @@ class SimResult:
 
 
 def simulate(trace: Trace, policy: str, cost: CostModel, slo_ms: dict, instances: int = 1, max_batch: int = 16,
-             on_hopeless: str = "drop", round_steps: int = 5, guidance: float = 5.0,
+             on_hopeless: str = "drop", round_steps: int = 5, guidance: float = 5.0, margin: float = 0.1,
              charge_policy: bool = True, gap_s: float | None = None) -> list[SimResult]:
     """charge_policy: the policy's own compute time (measured on this host while simulating) advances the
     virtual clock, as it holds the real engine loop (slack's schedulability tests grow with the queue).
@@ -114,12 +114,16 @@ def simulate(trace: Trace, policy: str, cost: CostModel, slo_ms: dict, instances
     clocks = [VirtualClock() for _ in range(instances)]
     engines = []
     for c in clocks:
-        # Own copies: the engine refits its predictor from what the virtual loop "measures", and one
-        # simulation must not leave anything behind for the next.
-        sim_cost = replace(cost, predictor=copy.deepcopy(cost.predictor), gap_s=gap_s, gaps=0, gap_total_s=0.0)
-        pol = _Timed(make_policy(policy, max_batch=max_batch, cost=sim_cost, on_hopeless=on_hopeless,
-                                 round_steps=round_steps), c) if charge_policy else \
-            make_policy(policy, max_batch=max_batch, cost=sim_cost, on_hopeless=on_hopeless, round_steps=round_steps)
+        # Own copies (one simulation must leave nothing behind for the next), and a predictor that never
+        # refits: the virtual loop's "measurements" are its own predictions, and a refit on the few shapes
+        # seen so far (a cost model rebuilt from served terms has no profile samples) drifts elsewhere.
+        predictor = copy.deepcopy(cost.predictor)
+        predictor.refit_every = math.inf
+        sim_cost = replace(cost, predictor=predictor, gap_s=gap_s, gaps=0, gap_total_s=0.0,
+                           finishes=copy.deepcopy(cost.finishes))
+        pol = make_policy(policy, max_batch=max_batch, cost=sim_cost, on_hopeless=on_hopeless,
+                          round_steps=round_steps, margin=margin)
+        pol = _Timed(pol, c) if charge_policy else pol
         engines.append(Engine(_SimPipeline(c, sim_cost), _SimDenoiser(c, sim_cost), pol, cost=sim_cost, clock=c))
     results: dict[str, SimResult] = {}
     arrivals = list(enumerate(trace.requests))

@@ -96,7 +96,7 @@ class TritonPythonModel:
                                         into=self.cost)
         policy = make_policy(
             self.config.policy, max_batch=self.config.max_batch, cost=self.cost, on_hopeless=self.config.on_hopeless,
-            min_steps=self.config.min_steps, round_steps=self.config.round_steps,
+            min_steps=self.config.min_steps, round_steps=self.config.round_steps, margin=self.config.deadline_margin,
         )
         self.engine = Engine(self.pipeline, denoiser, policy, cost=self.cost, slo_scale=self.config.slo_scale,
                              exit_rule=self.config.exit_rule(), early_exit=self.config.early_exit == "on")
@@ -153,6 +153,12 @@ class TritonPythonModel:
         self.m_gap_total = counter("tessera_step_gap_seconds_total", "Loop time between busy engine steps, summed")
         self.m_gaps = counter("tessera_step_gaps_total", "Gaps between busy engine steps measured")
         self._gaps_seen, self._gap_total_seen = 0, 0.0
+        self.families["tessera_cost_model"] = pb_utils.MetricFamily(
+            name="tessera_cost_model", kind=pb_utils.MetricFamily.GAUGE,
+            description="The cost model the deadline policies plan with, by term (seconds; step_* are the "
+                        "predictor's coefficients); the simulator can replay a served engine from these")
+        self.m_cost = {t: self.families["tessera_cost_model"].Metric(labels={**labels, "term": t})
+                       for t in self.cost.terms()}
         self.families["tessera_in_flight_requests"] = pb_utils.MetricFamily(
             name="tessera_in_flight_requests", description="Requests accepted and not yet answered",
             kind=pb_utils.MetricFamily.GAUGE)
@@ -174,6 +180,8 @@ class TritonPythonModel:
         if mape is not None:
             self.m_mape.set(mape)
         self.m_gap.set(self.cost.gap_s)
+        for term, value in self.cost.terms().items():
+            self.m_cost[term].set(value)
         if self.cost.gaps > self._gaps_seen:
             self.m_gaps.increment(self.cost.gaps - self._gaps_seen)
             self.m_gap_total.increment(self.cost.gap_total_s - self._gap_total_seen)
