@@ -66,9 +66,12 @@ def scrape(url: str, name: str, model: str) -> float | None:
     return next((v for labels, v in scrape_all(url, name) if labels == {"model": model}), None)
 
 
-def served_terms(url: str, model: str) -> dict[str, float]:
-    """The cost model a served engine plans with at the end of the run (metric tessera_cost_model)."""
-    return {labels["term"]: v for labels, v in scrape_all(url, "tessera_cost_model") if labels.get("model") == model}
+def served_state(url: str, model: str) -> dict:
+    """The cost model a served engine plans with now (metric tessera_cost_model) and its loop-gap totals."""
+    return {"terms": {labels["term"]: v for labels, v in scrape_all(url, "tessera_cost_model")
+                      if labels.get("model") == model},
+            "gap_total_s": scrape(url, "tessera_step_gap_seconds_total", model) or 0.0,
+            "gaps": scrape(url, "tessera_step_gaps_total", model) or 0.0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,8 +126,14 @@ def main(argv: list[str] | None = None) -> int:
             tr.save(traces_dir / f"slo{suffix}-load{load:g}.json")
             traces.append(tr)
             for p in policies:
+                before = served_state(server.metrics_url, f"engine_{p}")
                 recs = replay(server.grpc_url, f"engine_{p}", tr, slo, stream=True)
+                after = served_state(server.metrics_url, f"engine_{p}")
                 summary = summarize(recs, args.duration)
+                # What the engine planned with at the end of this run, and its mean loop gap during it:
+                # the simulator replays this run with exactly these (its calibration from the served run).
+                summary["served_cost_terms"] = after["terms"]
+                summary["served_gap_s"] = (after["gap_total_s"] - before["gap_total_s"]) / max(after["gaps"] - before["gaps"], 1)
                 summary["load"] = load
                 summary["rate_rps"] = load * capacity
                 ran = [r.steps_run for r in recs if r.status == "ok" and r.steps_run is not None]
@@ -135,13 +144,6 @@ def main(argv: list[str] | None = None) -> int:
                       f"rejected {summary['rejected']} failed {summary['failed']} "
                       f"{next((r.message[:160] for r in recs if r.status == 'error'), '')}", flush=True)
         mape = scrape(server.metrics_url, "tessera_predictor_mape", "engine_slack")
-        # The loop's own time between busy steps, as each served engine measured it: the simulator's
-        # virtual loop spends the same (its one calibration from the served run).
-        gap_s = {p: (scrape(server.metrics_url, "tessera_step_gap_seconds_total", f"engine_{p}") or 0.0)
-                 / max(scrape(server.metrics_url, "tessera_step_gaps_total", f"engine_{p}") or 0.0, 1.0)
-                 for p in policies}
-        print(f"[tessera] served step gap ms {({p: round(v * 1e3, 2) for p, v in gap_s.items()})}", flush=True)
-        terms = {p: served_terms(server.metrics_url, f"engine_{p}") for p in policies}
         # Overload: 3x capacity, bounded admission: everyone answered, rejections at once (perf.overload
         # runs it with a tight admission bound, where rejections do happen). --overload-s 0 skips it.
         overload = None
@@ -160,22 +162,23 @@ def main(argv: list[str] | None = None) -> int:
                   f"{len(rejected)} rejected (max {overload['rejection_latency_ms_max']} ms), "
                   f"ready after: {overload['server_ready_after']}", flush=True)
 
-    # The simulator on the same traces. Costs: each policy's served engine's own cost model at the end of
-    # the run (start-up profile + online refits, metric tessera_cost_model) with its mean loop gap; for
-    # comparison, rounds also from a cost model profiled in-process after the run (same executors).
+    # The simulator on the same traces. Costs: for each (load, policy) run, the served engine's own cost
+    # model at the end of that run (start-up profile + online refits, metric tessera_cost_model) and its
+    # mean loop gap during it; for comparison, also a cost model profiled in-process after the runs.
     cost = _profile_in_process(repo)
-    served = {p: CostModel.from_terms(terms[p], cost.vae_factor) if terms[p] else cost for p in policies}
     sim_rows = []
-    for load, tr in zip(loads, traces, strict=True):
-        row = {"load": load, "real": {p: runs[p][loads.index(load)]["slo_attainment"] for p in policies}}
-        row["sim"] = {n: {p: sar(simulate(tr, VARIANTS[p]["policy"], served[p], slo, instances=n,
-                                          on_hopeless=VARIANTS[p]["on_hopeless"], gap_s=gap_s[p]))
+    for i, (load, tr) in enumerate(zip(loads, traces, strict=True)):
+        served = {p: (CostModel.from_terms(runs[p][i]["served_cost_terms"], cost.vae_factor)
+                      if runs[p][i]["served_cost_terms"] else cost, runs[p][i]["served_gap_s"]) for p in policies}
+        row = {"load": load, "real": {p: runs[p][i]["slo_attainment"] for p in policies}}
+        row["sim"] = {n: {p: sar(simulate(tr, VARIANTS[p]["policy"], served[p][0], slo, instances=n,
+                                          on_hopeless=VARIANTS[p]["on_hopeless"], gap_s=served[p][1]))
                           for p in policies}
                       for n in (1, 2, 4, 8)}
         row["sim_in_process_profile"] = {p: sar(simulate(tr, VARIANTS[p]["policy"], cost, slo,
-                                                         on_hopeless=VARIANTS[p]["on_hopeless"], gap_s=gap_s[p]))
+                                                         on_hopeless=VARIANTS[p]["on_hopeless"], gap_s=served[p][1]))
                                          for p in policies}
-        ref = served.get("rounds", cost)
+        ref = served["rounds"][0] if "rounds" in served else cost
         row["oracle"] = {n: float(np.mean(oracle(tr, ref, slo, instances=n))) for n in (1, 2, 4, 8)}
         sim_rows.append(row)
     gaps = [abs(r["sim"][1][p] - r["real"][p]) for r in sim_rows for p in policies]
@@ -199,8 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                            "baseline": "image-fcfs"}
     write_result(f"slo{suffix}", config, {"policies": runs, "comparison": best,
                                           "predictor_mape_out_of_sample": mape, "overload": overload})
-    write_result(f"sim{suffix}", config, {"rows": sim_rows, "served_step_gap_ms": {p: v * 1e3 for p, v in gap_s.items()},
-                                          "served_cost_terms": terms, "in_process_cost_terms": cost.terms(),
+    write_result(f"sim{suffix}", config, {"rows": sim_rows, "in_process_cost_terms": cost.terms(),
                                           "sim_in_process_profile_vs_real_mean_abs_gap": float(np.mean(
                                               [abs(r["sim_in_process_profile"][p] - r["real"][p])
                                                for r in sim_rows for p in policies])),

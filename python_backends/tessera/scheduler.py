@@ -297,8 +297,9 @@ class RoundsPolicy(_DeadlinePolicy):
             keep = tuple(s.request_id for s in view.running if s.request_id in view.last_advance)
             return StepPlan((), keep)
         waiting, running, drop, degrade = self.triage(view, now_s)
-        committed = self.admit(sorted(running + waiting, key=lambda s: s.deadline_s), now_s)
-        chosen = self.pack(committed, now_s) or sorted(running + waiting, key=lambda s: s.deadline_s)[:1]
+        edf = sorted(running + waiting, key=lambda s: s.deadline_s)
+        committed = self.admit(edf, now_s)
+        chosen = self.pack(committed, now_s) or edf[:1]
         # (nobody can be on time: best effort for the earliest deadline)
         running_ids = {s.request_id for s in running}
         join = tuple(s.request_id for s in chosen if s.request_id not in running_ids)
