@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import random
-import tempfile
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
-from perf.common import RESULTS, write_result
+from perf.common import RESULTS, tiny_unet_repo, write_result
 
 SIZES = ((64, 64), (64, 128), (128, 128))  # pixels: latents 8x8, 8x16, 16x16 (GCD 8)
 VARIANTS = {
@@ -89,16 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    import torch
-
-    torch.set_num_threads(1)
     from tessera.server import TritonServer
-    from tessera_export.repository import add_engine, export_pipeline
-    from tessera_export.tiny import build_tiny
+    from tessera_export.repository import add_engine
 
-    work = Path(tempfile.mkdtemp(prefix="tessera-batching-"))
-    repo = work / "repo"
-    export_pipeline(build_tiny(work / "tiny-sd", kind="unet"), repo)
+    work, _, repo = tiny_unet_repo("batching")
     for name, kw in VARIANTS.items():
         add_engine(repo, "engine", f"engine_{name}", entry=f"txt2img_{name}", max_batch=16, **kw)
     rng = random.Random(args.seed)

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
-from perf.common import RESULTS, write_result
+from perf.common import RESULTS, tiny_unet_repo, write_result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,17 +30,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    torch.set_num_threads(1)
     from tessera.client import infer_image, make_client, request_arrays
     from tessera.server import TritonServer
     from tessera_export.ort_diffusers import ort_backed_pipeline
-    from tessera_export.repository import add_engine, export_pipeline
-    from tessera_export.tiny import build_tiny
+    from tessera_export.repository import add_engine
 
-    work = Path(tempfile.mkdtemp(prefix="tessera-overhead-"))
-    pipeline = build_tiny(work / "tiny-sd", kind="unet")
-    repo = work / "repo"
-    export_pipeline(pipeline, repo)
+    work, pipeline, repo = tiny_unet_repo("overhead")
     add_engine(repo, "engine", "engine_local", entry="txt2img_local", executor="local")
     pipe = ort_backed_pipeline(pipeline, repo)
     prompt = "a red circle at top left"

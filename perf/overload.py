@@ -9,12 +9,10 @@ Writes perf/results/overload.json. Run: python -m perf.overload
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
-from perf.common import write_result
+from perf.common import tiny_unet_repo, write_result
 from perf.slo import SIZES, isolated_ms
 
 
@@ -28,18 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=99)
     args = ap.parse_args(argv)
 
-    import torch
-
-    torch.set_num_threads(1)
     from tessera.bench.loadgen import replay, summarize
     from tessera.bench.traces import poisson
     from tessera.server import TritonServer
-    from tessera_export.repository import add_engine, export_pipeline
-    from tessera_export.tiny import build_tiny
+    from tessera_export.repository import add_engine
 
-    work = Path(tempfile.mkdtemp(prefix="tessera-overload-"))
-    repo = work / "repo"
-    export_pipeline(build_tiny(work / "tiny-sd", kind="unet"), repo, progress=lambda *_: None)
+    work, _, repo = tiny_unet_repo("overload")
     engine = dict(executor="local", policy=args.policy, max_batch=16, max_in_flight=args.max_in_flight,
                   profile_sizes=",".join(f"{h}x{w}" for h, w in SIZES))
     add_engine(repo, "engine", "engine_bounded", entry="txt2img_bounded", **engine)

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 
-from perf.common import RESULTS, write_result
+from perf.common import RESULTS, tiny_unet_repo, write_result
 
 POLICIES = ("image-fcfs", "step-fcfs", "slack", "rounds", "rounds-degrade")
 # Engine settings per benchmarked variant: the policy, and what happens to hopeless requests.
@@ -89,21 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     policies = tuple(p for p in POLICIES if p in args.policies.split(","))
     suffix = f"-{args.tag}" if args.tag else ""
 
-    import torch
-
-    torch.set_num_threads(1)
     from tessera.bench.loadgen import replay, summarize
     from tessera.bench.simulate import oracle, sar, simulate
     from tessera.bench.traces import poisson
     from tessera.scheduler import CostModel
     from tessera.server import TritonServer
-    from tessera_export.repository import add_engine, export_pipeline
-    from tessera_export.tiny import build_tiny
+    from tessera_export.repository import add_engine
 
-    work = Path(tempfile.mkdtemp(prefix="tessera-slo-"))
-    repo = work / "repo"
-    pipeline = build_tiny(work / "tiny-sd", kind="unet")
-    export_pipeline(pipeline, repo, progress=lambda *_: None)
+    work, _, repo = tiny_unet_repo("slo")
     common = dict(executor="local", max_batch=16, max_in_flight=args.max_in_flight, slo_scale=args.slo_scale,
                   profile_sizes=",".join(f"{h}x{w}" for h, w in SIZES))
     for p in policies:
