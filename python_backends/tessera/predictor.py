@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 
+STEP_FEATURES = ("const", "cells", "requests", "resolutions", "rows")  # BatchShape.features(), in order
+
+
 @dataclass(frozen=True, slots=True)
 class BatchShape:
     """What a step will run: (height_cells, width_cells, rows) per request, and the executor's rows."""

@@ -22,7 +22,7 @@ import numpy as np
 
 from .engine import EngineView, RequestState, StepPlan
 from .errors import ConfigError
-from .predictor import BatchShape, LatencyPredictor
+from .predictor import STEP_FEATURES, BatchShape, LatencyPredictor
 
 HOPELESS = ("drop", "degrade")
 
@@ -78,16 +78,14 @@ class CostModel:
 
     def terms(self) -> dict[str, float]:
         """Every number the policies plan with (exported as metrics; the simulator can replay them)."""
-        names = ("const", "cells", "requests", "resolutions", "rows")
         return {"start_s": self.start_s, "finish_base_s": self.finish_base_s,
                 "finish_s_per_cell": self.finish_s_per_cell, "gap_s": self.gap_s,
-                **{f"step_{n}": float(c) for n, c in zip(names, self.predictor.coef, strict=True)}}
+                **{f"step_{n}": float(c) for n, c in zip(STEP_FEATURES, self.predictor.coef, strict=True)}}
 
     @classmethod
     def from_terms(cls, terms: dict[str, float], vae_factor: int) -> CostModel:
-        names = ("const", "cells", "requests", "resolutions", "rows")
         pred = LatencyPredictor()
-        pred.coef = np.array([terms[f"step_{n}"] for n in names], dtype=np.float64)
+        pred.coef = np.array([terms[f"step_{n}"] for n in STEP_FEATURES], dtype=np.float64)
         return cls(pred, vae_factor, terms["start_s"], terms["finish_base_s"], terms["finish_s_per_cell"],
                    terms["gap_s"])
 

@@ -109,7 +109,7 @@ def simulate(trace: Trace, policy: str, cost: CostModel, slo_ms: dict, instances
     """charge_policy: the policy's own compute time (measured on this host while simulating) advances the
     virtual clock, as it holds the real engine loop (slack's schedulability tests grow with the queue).
     gap_s: the loop's time between engine steps (responses, admissions), as the served engine measured it
-    (metric tessera_step_gap_seconds; default: the cost model's); the virtual loop spends it after every busy step."""
+    (tessera_step_gap_seconds_total over tessera_step_gaps_total; default: the cost model's); the virtual loop spends it after every busy step."""
     gap_s = cost.gap_s if gap_s is None else gap_s
     clocks = [VirtualClock() for _ in range(instances)]
     engines = []

@@ -145,11 +145,6 @@ class TritonPythonModel:
             name="tessera_predictor_mape", description="Step-latency predictor: mean abs % error, out of sample",
             kind=pb_utils.MetricFamily.GAUGE)
         self.m_mape = self.families["tessera_predictor_mape"].Metric(labels=labels)
-        self.families["tessera_step_gap_seconds"] = pb_utils.MetricFamily(
-            name="tessera_step_gap_seconds", kind=pb_utils.MetricFamily.GAUGE,
-            description="Loop time between busy engine steps (responses, admissions), moving average; "
-                        "the deadline policies add it to every predicted step")
-        self.m_gap = self.families["tessera_step_gap_seconds"].Metric(labels=labels)
         self.m_gap_total = counter("tessera_step_gap_seconds_total", "Loop time between busy engine steps, summed")
         self.m_gaps = counter("tessera_step_gaps_total", "Gaps between busy engine steps measured")
         self._gaps_seen, self._gap_total_seen = 0, 0.0
@@ -176,21 +171,22 @@ class TritonPythonModel:
         self.m_exited = counter("tessera_early_exits_total", "Requests ended early by the entropy rule")
 
     def _record_metrics(self) -> None:
+        fresh = []
+        for r in reversed(self.engine.records):  # newest first: stop at the first record already seen
+            if r.step_no < self._seen_records:
+                break
+            fresh.append(r)
+        if not fresh:  # gauges move only with steps: one update per step, not per response (each is an IPC)
+            return
         mape = self.cost.predictor.mape
         if mape is not None:
             self.m_mape.set(mape)
-        self.m_gap.set(self.cost.gap_s)
         for term, value in self.cost.terms().items():
             self.m_cost[term].set(value)
         if self.cost.gaps > self._gaps_seen:
             self.m_gaps.increment(self.cost.gaps - self._gaps_seen)
             self.m_gap_total.increment(self.cost.gap_total_s - self._gap_total_seen)
         self._gaps_seen, self._gap_total_seen = self.cost.gaps, self.cost.gap_total_s
-        fresh = []
-        for r in reversed(self.engine.records):  # newest first: stop at the first record already seen
-            if r.step_no < self._seen_records:
-                break
-            fresh.append(r)
         for r in reversed(fresh):
             self.m_engine_steps.increment(1)
             self.m_calls.increment(r.denoiser_calls)
