@@ -192,3 +192,18 @@ def test_cost_model_refits_finishes_and_round_trips_its_terms():
     again = CostModel.from_terms(cost.terms(), cost.vae_factor)
     a = req("a", size=128, steps=7)
     assert again.isolated_s(a) == pytest.approx(cost.isolated_s(a))
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"deadline_margin": "1.5"}, "deadline_margin: allowed [0, 1], got 1.5"),
+    ({"deadline_margin": "lots"}, "deadline_margin: not a number; allowed a float, got 'lots'"),
+    ({"policy": "rounds", "on_hopeless": "shrug"}, "on_hopeless: unknown value; allowed drop, degrade"),
+])
+def test_engine_config_names_the_field_and_range(params, message):
+    from tessera.config import EngineConfig
+    from tessera.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        EngineConfig.from_parameters(params)
+    assert message in str(e.value)
+    assert EngineConfig.from_parameters({"deadline_margin": "0"}).deadline_margin == 0.0
