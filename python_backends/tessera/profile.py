@@ -33,8 +33,7 @@ def default_sizes(limits) -> list[tuple[int, int]]:
 @contextlib.contextmanager
 def host_lock(path: Path | None = None):
     """One start-up profile at a time on this host: Triton loads models in parallel, and engines timing
-    themselves side by side on shared cores measured each other (VAE decode per cell 0.06 to 0.23 ms
-    across five engines of one server)."""
+    themselves side by side on shared cores measured each other (docs/architecture.md)."""
     path = path or Path(tempfile.gettempdir()) / "tessera-profile.lock"
     with open(path, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -80,8 +79,7 @@ def _profile(pipeline, denoiser, sizes, vae_factor, repeats, clock, into) -> Cos
             samples.append((shape, seconds))
 
     # One untimed pass first: a runtime's first call at a new shape pays its allocations, which served
-    # steady state never sees (tiny UNet, 256x256: isolated predicted 828 ms without it, 659 ms with it;
-    # served 690 ms through gRPC).
+    # steady state never sees (it inflated the profiled decode cost).
     for g in groups:
         timed_step(g, keep=False)
     for _ in range(repeats):
