@@ -218,7 +218,7 @@ def _profile_in_process(repo: Path):
     toks = [CLIPTokenizer.from_pretrained(repo / "engine" / "1" / d) for d in spec.tokenizers]
     comps = LocalComponents(spec, repo)
     return profile_costs(Txt2Img(spec, comps, toks), ConcatDenoiser(comps.denoise), list(SIZES),
-                         spec.vae_scale_factor, repeats=5)
+                         spec.vae_scale_factor, repeats=5, max_batch=16)
 
 
 def _plots(runs, loads, sim_rows, suffix: str = "") -> None:

@@ -106,6 +106,19 @@ class StepPlan:
         return cls((), ())
 
 
+class _Outputs(list):
+    """A step's outputs, each handed to `emit` (if any) as it is appended."""
+
+    def __init__(self, emit=None):
+        super().__init__()
+        self.emit = emit
+
+    def append(self, out: RequestOutput) -> None:
+        super().append(out)
+        if self.emit is not None:
+            self.emit(out)
+
+
 @dataclass(frozen=True, slots=True)
 class StepRecord:
     step_no: int
@@ -190,8 +203,10 @@ class Engine:
                           self.last_advance)
 
     # -- the step ------------------------------------------------------------------------------------
-    def step(self, now_s: float, clock=None) -> list[RequestOutput]:
-        outputs: list[RequestOutput] = []
+    def step(self, now_s: float, clock=None, emit=None) -> list[RequestOutput]:
+        """One engine step; returns its outputs. `emit`, if given, is handed each output the moment it
+        exists: a request decoded first in a step is answered before the others' decodes."""
+        outputs: list[RequestOutput] = _Outputs(emit)
         if self._busy_end_s is not None and self.cost is not None:  # the loop's own time between steps
             self.cost.observe_gap(now_s - self._busy_end_s)
         self._busy_end_s = None
@@ -264,15 +279,15 @@ class Engine:
                 t_finish = self.clock()
                 try:
                     image = self.pipeline.finish(s.run)
-                    if self.cost is not None:
-                        self.cost.observe_finishes([(self.cost.cells(s), self.clock() - t_finish)])
                 except Exception as e:  # noqa: BLE001
                     s.done_s = clock() if clock else end_s
                     outputs.append(self._final(s, FinishReason.ERROR, error=e))
                     continue
                 s.done_s = clock() if clock else end_s
                 reason = FinishReason.DEGRADED if s.asked_steps else FinishReason.COMPLETED
-                outputs.append(self._final(s, reason, image=image))
+                outputs.append(self._final(s, reason, image=image))  # answered now (emit)
+                if self.cost is not None:  # a finish holds the loop for its decode and its answer
+                    self.cost.observe_finishes([(self.cost.cells(s), self.clock() - t_finish)])
             elif s.progress:
                 preview = self.pipeline.preview(s.run) if s.preview else None
                 outputs.append(RequestOutput(s.request_id, False, s.step_index, s.params.num_steps, preview))

@@ -122,13 +122,10 @@ class EngineLoop:
                     log.exception("[tessera] start-up profile failed; deadlines use an unfitted predictor")
             self._drain()
             if self.engine.has_work():
-                try:
-                    outs = self.engine.step(self.clock(), self.clock)
+                try:  # each output is answered the moment the engine has it (emit)
+                    self.engine.step(self.clock(), self.clock, emit=self._emit)
                 except Exception:  # noqa: BLE001 - keep serving; the engine fails requests itself
                     log.exception("[tessera] engine step failed")
-                    outs = []
-                for out in outs:
-                    self._emit(out)
         # Shutdown: every accepted request still gets its one final response.
         self._drain()
         now = self.clock()

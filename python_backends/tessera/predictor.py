@@ -59,7 +59,12 @@ class LatencyPredictor:
         scale = np.maximum(np.abs(xw).max(0), 1e-12)
         xs = xw / scale
         a = xs.T @ xs + self.ridge * np.eye(xs.shape[1])
-        self.coef = np.linalg.solve(a, xs.T @ (y * w)) / scale
+        coef = np.linalg.solve(a, xs.T @ (y * w)) / scale
+        # Then rescaled so the window's predicted total equals its measured total: the relative fit sits
+        # near the typical step, but served steps are skewed slow (contention with request handling on
+        # shared cores), and a queue compounds any shortfall in total time (docs/architecture.md).
+        predicted = float(np.sum(np.maximum(x @ coef, 0.0)))
+        self.coef = coef * (float(np.sum(y)) / predicted if predicted > 0 else 1.0)
         self._since_fit = 0
 
     def predict(self, shape: BatchShape) -> float:

@@ -44,13 +44,14 @@ def host_lock(path: Path | None = None):
 
 
 def profile_costs(pipeline, denoiser, sizes: list[tuple[int, int]], vae_factor: int, repeats: int = 3,
-                  clock=time.perf_counter, into: CostModel | None = None) -> CostModel:
-    """Profile and return the CostModel; with `into`, fill that (shared) one in place."""
+                  clock=time.perf_counter, into: CostModel | None = None, max_batch: int = 1) -> CostModel:
+    """Profile and return the CostModel; with `into`, fill that (shared) one in place. `max_batch`: the
+    most requests a served step may hold; one untimed step of that many of the largest size runs first."""
     with host_lock():
-        return _profile(pipeline, denoiser, sizes, vae_factor, repeats, clock, into)
+        return _profile(pipeline, denoiser, sizes, vae_factor, repeats, clock, into, max_batch)
 
 
-def _profile(pipeline, denoiser, sizes, vae_factor, repeats, clock, into) -> CostModel:
+def _profile(pipeline, denoiser, sizes, vae_factor, repeats, clock, into, max_batch=1) -> CostModel:
     params = [GenerationParams("profile", "", h, w, 50, 5.0, i) for i, (h, w) in enumerate(sizes)]
     starts, finishes, samples = [], [], []
     runs, run_params = [], []
@@ -63,8 +64,10 @@ def _profile(pipeline, denoiser, sizes, vae_factor, repeats, clock, into) -> Cos
         return len(runs) - 1
 
     base = [add(p) for p in params]
-    twins = [add(params[i]) for i in range(min(2, len(params)))]
-    groups = [[i] for i in base] + [base] + [[base[i], twins[i]] for i in range(len(twins))]
+    twins = [add(p) for p in params]
+    groups = [[i] for i in base] + [base] + [[b, t] for b, t in zip(base, twins, strict=True)]
+    largest = max(range(len(params)), key=lambda i: params[i].height * params[i].width)
+    biggest = [base[largest], twins[largest]] + [add(params[largest]) for _ in range(max_batch - 2)]
 
     def timed_step(idx: list[int], keep: bool = True) -> None:
         items = [pipeline.denoiser_inputs(runs[i]) for i in idx]
@@ -79,8 +82,10 @@ def _profile(pipeline, denoiser, sizes, vae_factor, repeats, clock, into) -> Cos
             samples.append((shape, seconds))
 
     # One untimed pass first: a runtime's first call at a new shape pays its allocations, which served
-    # steady state never sees (it inflated the profiled decode cost).
-    for g in groups:
+    # steady state never sees (it inflated the profiled decode cost). It starts with the biggest step the
+    # engine may run, so the runtime's memory has grown before serving: served, the first step of two or
+    # three 256x256 requests took ~2.5x its later cost (docs/architecture.md).
+    for g in ([biggest] if max_batch > 2 else []) + groups:
         timed_step(g, keep=False)
     for _ in range(repeats):
         for g in groups:

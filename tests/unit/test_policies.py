@@ -207,3 +207,15 @@ def test_engine_config_names_the_field_and_range(params, message):
         EngineConfig.from_parameters(params)
     assert message in str(e.value)
     assert EngineConfig.from_parameters({"deadline_margin": "0"}).deadline_margin == 0.0
+
+
+def test_predictor_total_matches_measured_total_over_its_window():
+    """Steps skewed slow (a few contended ones): the relative fit sits near the typical step, then is
+    rescaled so its predictions over the window add up to the measured time (a queue compounds a shortfall)."""
+    shapes = [BatchShape(((16, 16, 2),) * n) for n in (1, 2, 3, 4)] * 10
+    truth = [0.002 + 0.004 * len(s.requests) for s in shapes]
+    measured = [t * (1.5 if i % 10 == 0 else 1.0) for i, t in enumerate(truth)]  # every 10th step slowed
+    p = LatencyPredictor()
+    p.fit(zip(shapes, measured, strict=True))
+    assert sum(p.predict(s) for s in shapes) == pytest.approx(sum(measured), rel=1e-9)
+    assert p.predict(shapes[1]) > truth[1]  # above the typical step, by the slow steps' share

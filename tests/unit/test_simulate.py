@@ -56,3 +56,59 @@ def test_loop_gap_is_spent_between_busy_steps():
     plain = simulate(tr, "step-fcfs", cost_model(), SLO_MS, charge_policy=False)[0].latency_ms
     gapped = simulate(tr, "step-fcfs", cost_model(), SLO_MS, charge_policy=False, gap_s=0.01)[0].latency_ms
     assert gapped == pytest.approx(plain + 9 * 10.0)  # 10 steps, a gap between consecutive busy steps
+
+
+def test_engine_emits_each_finish_before_the_next_decode():
+    """Two requests finish in one step: with `emit`, the first is answered before the second is decoded
+    (it used to wait for every decode of the step)."""
+    from tessera.bench.simulate import VirtualClock, _SimDenoiser, _SimPipeline
+    from tessera.engine import Engine, RequestState
+    from tessera.request import GenerationParams
+    from tessera.scheduler import make_policy
+
+    events = []
+
+    class Pipeline(_SimPipeline):
+        def finish(self, run):
+            events.append(("decode", run.params.seed))
+            return super().finish(run)
+
+    clock, cost = VirtualClock(), cost_model(finish_s=1.0)
+    engine = Engine(Pipeline(clock, cost), _SimDenoiser(clock, cost), make_policy("step-fcfs", max_batch=4, cost=cost),
+                    cost=cost, clock=clock)
+    for i in range(2):
+        engine.add(RequestState(f"q{i}", GenerationParams("p", "", 64, 64, 2, 5.0, i, 9000), 0.0))
+    outs = []
+    while engine.has_work():
+        outs += engine.step(clock.t, clock, emit=lambda o: events.append(("emit", o.request_id)))
+    assert events == [("decode", 0), ("emit", "q0"), ("decode", 1), ("emit", "q1")]
+    assert [o.request_id for o in outs] == ["q0", "q1"]  # still returned, in the same order
+
+
+def test_profile_runs_the_biggest_step_first_untimed_and_fits_the_virtual_costs():
+    """The start-up profile on the simulator's virtual pipeline (its clock): its first denoiser call is
+    max_batch requests of the largest size (untimed: the runtime's memory grows before serving), and the
+    fitted model reproduces the virtual costs, twins of every size included."""
+    from tessera.bench.simulate import VirtualClock, _SimDenoiser, _SimPipeline
+    from tessera.engine import RequestState
+    from tessera.predictor import BatchShape
+    from tessera.profile import profile_costs
+    from tessera.request import GenerationParams
+
+    clock, truth = VirtualClock(), cost_model(finish_s=0.05)
+    calls = []
+
+    class Denoiser(_SimDenoiser):
+        def run(self, runs):
+            calls.append(sorted((r.params.height, r.params.width) for r in runs))
+            return super().run(runs)
+
+    sizes = [(64, 64), (64, 128), (128, 128)]
+    fitted = profile_costs(_SimPipeline(clock, truth), Denoiser(clock, truth), sizes, 8, clock=clock, max_batch=5)
+    assert calls[0] == [(128, 128)] * 5
+    assert [(128, 128)] * 5 not in calls[1:]  # only warmed, never timed
+    assert [(128, 128), (128, 128)] in calls[1:]  # twins of the largest size are profiled
+    for shape in (BatchShape(((16, 16, 2),) * 2), BatchShape(((8, 8, 2), (16, 16, 2)))):
+        assert fitted.predictor.predict(shape) == pytest.approx(truth.predictor.predict(shape), rel=1e-3)
+    s = RequestState("x", GenerationParams("p", "", 128, 128, 10, 5.0, 0), 0.0)
+    assert fitted.finish_s(s) == pytest.approx(truth.finish_s(s), rel=1e-3)

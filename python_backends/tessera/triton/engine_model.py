@@ -93,7 +93,7 @@ class TritonPythonModel:
         # Filled in by the start-up profile on the loop thread, before the first request is admitted.
         self.cost = CostModel(LatencyPredictor(), self.spec.vae_scale_factor)
         prepare = lambda: profile_costs(self.pipeline, denoiser, sizes, self.spec.vae_scale_factor,  # noqa: E731
-                                        into=self.cost)
+                                        into=self.cost, max_batch=self.config.max_batch)
         policy = make_policy(
             self.config.policy, max_batch=self.config.max_batch, cost=self.cost, on_hopeless=self.config.on_hopeless,
             min_steps=self.config.min_steps, round_steps=self.config.round_steps, margin=self.config.deadline_margin,
@@ -187,15 +187,20 @@ class TritonPythonModel:
             self.m_gaps.increment(self.cost.gaps - self._gaps_seen)
             self.m_gap_total.increment(self.cost.gap_total_s - self._gap_total_seen)
         self._gaps_seen, self._gap_total_seen = self.cost.gaps, self.cost.gap_total_s
-        for r in reversed(fresh):
-            self.m_engine_steps.increment(1)
-            self.m_calls.increment(r.denoiser_calls)
-            self.m_rows.increment(sum(r.batch_per_call))
-            self.m_res.increment(sum(r.resolutions_per_call))
-            self.m_reqs.increment(sum(r.requests_per_call))
-            self.m_steps.increment(len(r.request_ids))
-            if len(set(r.step_indices)) > 1:
-                self.m_mixed.increment(1)
+        # One increment per counter for all the steps since the last update (not one per step: an
+        # image-fcfs request answered after 20 steps cost ~120 IPCs, ~15 ms of the loop's time).
+        totals = (
+            (self.m_engine_steps, len(fresh)),
+            (self.m_calls, sum(r.denoiser_calls for r in fresh)),
+            (self.m_rows, sum(sum(r.batch_per_call) for r in fresh)),
+            (self.m_res, sum(sum(r.resolutions_per_call) for r in fresh)),
+            (self.m_reqs, sum(sum(r.requests_per_call) for r in fresh)),
+            (self.m_steps, sum(len(r.request_ids) for r in fresh)),
+            (self.m_mixed, sum(len(set(r.step_indices)) > 1 for r in fresh)),
+        )
+        for metric, n in totals:
+            if n:
+                metric.increment(n)
         self._seen_records = self.engine.step_no
 
     # -- requests -----------------------------------------------------------------------------------
