@@ -15,6 +15,8 @@ state, tensors or executors, so perf/simulate.py replays the same code on a virt
 
 from __future__ import annotations
 
+import math
+
 from collections import deque
 from dataclasses import dataclass, field, replace
 
@@ -296,28 +298,55 @@ class RoundsPolicy(_DeadlinePolicy):
             return StepPlan((), keep)
         waiting, running, drop, degrade = self.triage(view, now_s)
         edf = sorted(running + waiting, key=lambda s: s.deadline_s)
-        committed = self.admit(edf, now_s)
+        committed, shortened = self.admit(edf, now_s)
         chosen = self.pack(committed, now_s) or edf[:1]
         # (nobody can be on time: best effort for the earliest deadline)
         running_ids = {s.request_id for s in running}
         join = tuple(s.request_id for s in chosen if s.request_id not in running_ids)
+        degrade = tuple((rid, n) for rid, n in dict(degrade).items() if rid not in shortened) + tuple(shortened.items())
         return StepPlan(join, tuple(s.request_id for s in chosen), drop, degrade)
 
-    def admit(self, edf: list[RequestState], now_s: float) -> list[RequestState]:
+    def admit(self, edf: list[RequestState], now_s: float) -> tuple[list[RequestState], dict[str, int]]:
         """Moore-Hodgson on the serial EDF plan: the most requests that can all make their deadlines if
         run one after another in deadline order (optimal for one machine, jobs available now). Whenever
-        the plan turns late, the longest remaining request so far is set aside: it waits, paused if it
-        was running, and rejoins a later round if time frees up (or is dropped once hopeless)."""
+        the plan turns late, the longest request so far is set aside: it waits, paused if it was running,
+        and rejoins a later round if time frees up (or is dropped once hopeless). With on_hopeless=degrade
+        the longest is first given the fewer steps that put the plan back on time (QoS-Diff's step count
+        from slack), if that stays at or above min_steps; only otherwise set aside. Returns the admitted
+        requests (view copies where shortened) and {request id: its new total steps}."""
         kept: list[RequestState] = []
+        shortened: dict[str, int] = {}
         t = now_s
         for s in edf:
             kept.append(s)
             t += self.cost.alone_s(s)
-            if not _fits(t, s, now_s, self.margin):
-                longest = max(kept, key=self.cost.alone_s)
-                kept.remove(longest)
+            if _fits(t, s, now_s, self.margin):
+                continue
+            longest = max(kept, key=self.cost.alone_s)
+            i = kept.index(longest)
+            short = self._shortened(longest, (t - now_s) - (s.deadline_s - now_s) / (1.0 + self.margin))
+            if short is not None:
+                kept[i], total = short
+                shortened[longest.request_id] = total
+                t -= self.cost.alone_s(longest) - self.cost.alone_s(kept[i])
+            else:
+                kept.pop(i)
+                shortened.pop(longest.request_id, None)
                 t -= self.cost.alone_s(longest)
-        return kept
+        return kept, shortened
+
+    def _shortened(self, s: RequestState, excess_s: float) -> tuple[RequestState, int] | None:
+        """`s` with enough steps fewer to save `excess_s`, and its new total; None when not degrading or
+        below the floor."""
+        per = self.cost.step_s([s])
+        if self.on_hopeless != "degrade" or per <= 0:
+            return None
+        cut = math.ceil(excess_s / per - 1e-9)
+        done = s.step_index if s.run is not None else 0
+        total = done + s.steps_left - cut
+        if total < max(min(self.min_steps, s.params.num_steps), done + 1):
+            return None
+        return (_with_budget(s, total) if s.run is not None else _with_steps(s, total)), total
 
     def pack(self, committed: list[RequestState], now_s: float) -> list[RequestState]:
         """This round's batch: the earliest deadline, plus each later committed request whose batching

@@ -105,7 +105,7 @@ def test_rounds_sets_aside_the_longest_request_that_would_make_the_plan_late():
     big = req("big", size=128, steps=10, deadline=6.0, arrival=0.01)  # 5.22 s alone
     c = req("c", steps=10, deadline=6.5, arrival=0.02)
     policy = RoundsPolicy(cost=cost)
-    assert [s.request_id for s in policy.admit([a, big, c], 0.0)] == ["a", "c"]
+    assert [s.request_id for s in policy.admit([a, big, c], 0.0)[0]] == ["a", "c"]
     plan = policy.schedule(EngineView((a, big, c), ()), 0.0)
     assert plan.drop == () and "big" not in plan.advance
     # a and c batched: 10 x 0.266 = 2.66 s > a's 2.0 s deadline, so a runs alone this round ...
@@ -168,9 +168,11 @@ def test_policy_contract(name):
 def test_running_hopeless_request_gets_a_step_budget_in_degrade_mode():
     cost = cost_model()
     running = req("r", steps=20, deadline=1.0, started_steps_left=15)  # 5 done; 15 x 0.138 = 2.07 s > 1 s
-    for policy in (SlackPolicy, RoundsPolicy):
+    # slack: the steps that fit on the bare prediction (5 + 7 x 0.138 <= 1 s); rounds then plans with its
+    # 10% margin, and admission cuts one more (6 x 0.138 x 1.1 <= 1 s)
+    for policy, total in ((SlackPolicy, 12), (RoundsPolicy, 11)):
         plan = policy(cost=cost, on_hopeless="degrade", min_steps=4).schedule(EngineView((), (running,)), 0.0)
-        assert plan.drop == () and plan.degrade == (("r", 12),) and plan.advance == ("r",)  # 5 + 7 x 0.138 <= 1 s
+        assert plan.drop == () and plan.degrade == (("r", total),) and plan.advance == ("r",)
     plan = SlackPolicy(cost=cost, on_hopeless="drop").schedule(EngineView((), (running,)), 0.0)
     assert [d[0] for d in plan.drop] == ["r"] and plan.degrade == ()
     barely = req("b", steps=20, deadline=0.2, started_steps_left=19)  # 1 done + 1 fits = 2 < floor 4: dropped
@@ -219,3 +221,21 @@ def test_predictor_total_matches_measured_total_over_its_window():
     p.fit(zip(shapes, measured, strict=True))
     assert sum(p.predict(s) for s in shapes) == pytest.approx(sum(measured), rel=1e-9)
     assert p.predict(shapes[1]) > truth[1]  # above the typical step, by the slow steps' share
+
+
+def test_rounds_degrade_shortens_the_longest_instead_of_setting_it_aside():
+    """The set-aside situation above, with on_hopeless=degrade: "big" keeps its place with the fewer steps
+    that put "c" back on time (QoS-Diff's step count from slack), instead of waiting until hopeless; below
+    min_steps it is set aside as before."""
+    cost = cost_model()
+    a = req("a", steps=10, deadline=2.0)  # 64 px: 1.38 s alone
+    big = req("big", size=128, steps=10, deadline=6.0, arrival=0.01)  # 0.522 s a step
+    c = req("c", steps=10, deadline=6.5, arrival=0.02)
+    kept, shortened = RoundsPolicy(cost=cost, on_hopeless="degrade", min_steps=4, margin=0.0).admit([a, big, c], 0.0)
+    # serial plan: 1.38 + 5.22 + 1.38 = 7.98 s; c's deadline 6.5 s: 1.48 s to save, ceil(1.48 / 0.522) = 3 steps
+    assert [s.request_id for s in kept] == ["a", "big", "c"] and shortened == {"big": 7}
+    assert sum(cost.alone_s(s) for s in kept) <= 6.5
+    kept, shortened = RoundsPolicy(cost=cost, on_hopeless="degrade", min_steps=8, margin=0.0).admit([a, big, c], 0.0)
+    assert [s.request_id for s in kept] == ["a", "c"] and shortened == {}
+    plan = RoundsPolicy(cost=cost, on_hopeless="degrade", margin=0.0).schedule(EngineView((a, big, c), ()), 0.0)
+    assert ("big", 7) in plan.degrade and plan.drop == ()

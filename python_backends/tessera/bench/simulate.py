@@ -97,6 +97,7 @@ class SimResult:
     deadline_ms: float
     latency_ms: float | None
     status: str  # ok | dropped
+    steps_run: int | None = None
 
     @property
     def met(self) -> bool:
@@ -105,7 +106,7 @@ class SimResult:
 
 def simulate(trace: Trace, policy: str, cost: CostModel, slo_ms: dict, instances: int = 1, max_batch: int = 16,
              on_hopeless: str = "drop", round_steps: int = 5, guidance: float = 5.0, margin: float = 0.1,
-             charge_policy: bool = True, gap_s: float | None = None) -> list[SimResult]:
+             charge_policy: bool = True, gap_s: float | None = None, min_steps: int = 4) -> list[SimResult]:
     """charge_policy: the policy's own compute time (measured on this host while simulating) advances the
     virtual clock, as it holds the real engine loop (slack's schedulability tests grow with the queue).
     gap_s: the loop's time between engine steps (responses, admissions), as the served engine measured it
@@ -122,7 +123,7 @@ def simulate(trace: Trace, policy: str, cost: CostModel, slo_ms: dict, instances
         sim_cost = replace(cost, predictor=predictor, gap_s=gap_s, gaps=0, gap_total_s=0.0,
                            finishes=copy.deepcopy(cost.finishes))
         pol = make_policy(policy, max_batch=max_batch, cost=sim_cost, on_hopeless=on_hopeless,
-                          round_steps=round_steps, margin=margin)
+                          round_steps=round_steps, margin=margin, min_steps=min_steps)
         pol = _Timed(pol, c) if charge_policy else pol
         engines.append(Engine(_SimPipeline(c, sim_cost), _SimDenoiser(c, sim_cost), pol, cost=sim_cost, clock=c))
     results: dict[str, SimResult] = {}
@@ -153,6 +154,7 @@ def simulate(trace: Trace, policy: str, cost: CostModel, slo_ms: dict, instances
                 res = results[o.request_id]
                 res.status = "dropped" if o.finish_reason == FinishReason.DROPPED else "ok"
                 res.latency_ms = (o.done_s - o.arrival_s) * 1e3 if res.status == "ok" else None
+                res.steps_run = o.step_index if res.status == "ok" else None
         if clocks[i].t == before and not outs:  # nothing could run: wait for the next arrival
             clocks[i].t = t_next if t_next < math.inf else before + 1e-3
     return list(results.values())
