@@ -256,7 +256,7 @@ def _plots(runs, loads, sim_rows, suffix: str = "") -> None:
     ax.set_ylabel("SLO attainment")
     ax.set_ylim(0, 1.05)
     ax.legend()
-    ax.set_title("Real server, 3 resolutions, SLO = 5x isolated (CPU)")
+    ax.set_title("Real server, 3 resolutions, SLO = 5x isolated, SAR pooled over each load's traces (CPU)", fontsize=9)
     fig.tight_layout()
     fig.savefig(RESULTS / f"slo{suffix}.png", dpi=120)
     fig, ax = plt.subplots(figsize=(6, 3.8))
