@@ -15,7 +15,7 @@ import json
 import numpy as np
 
 from perf.common import RESULTS, write_result
-from perf.slo import SIZES, VARIANTS
+from perf.slo import SIZES, simulate_variant
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,8 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--calibration", default="rounds@1", help="POLICY@LOAD of the slo.json run whose served costs are used")
     args = ap.parse_args(argv)
+    if args.seeds < 1:
+        ap.error(f"--seeds: allowed >= 1, got {args.seeds}")
 
-    from tessera.bench.simulate import oracle, sar, simulate
+    from tessera.bench.simulate import oracle, sar
     from tessera.bench.traces import poisson
     from tessera.scheduler import CostModel
 
@@ -48,9 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                       for k in range(args.seeds)]
             row = {"instances": n, "load_per_instance": load, "requests": sum(len(t.requests) for t in traces)}
             for v in variants:
-                opts = {k: x for k, x in VARIANTS[v].items() if k != "policy"}
-                row[v] = sar([r for t in traces for r in simulate(t, VARIANTS[v]["policy"], cost, slo, instances=n,
-                                                                  gap_s=gap, **opts)])
+                row[v] = sar([r for t in traces for r in simulate_variant(t, v, cost, slo, instances=n, gap_s=gap)])
             row["oracle"] = float(np.mean([m for t in traces for m in oracle(t, cost, slo, instances=n)]))
             rows.append(row)
             print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)

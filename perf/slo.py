@@ -30,6 +30,14 @@ VARIANTS = {p: {"policy": p, "on_hopeless": "drop"} for p in POLICIES[:4]} | {
 SIZES = ((128, 128), (128, 256), (256, 256))
 
 
+def simulate_variant(trace, variant: str, cost, slo_ms: dict, **kw):
+    """tessera.bench.simulate.simulate with a benchmarked variant's engine settings."""
+    from tessera.bench.simulate import simulate
+
+    settings = dict(VARIANTS[variant])
+    return simulate(trace, settings.pop("policy"), cost, slo_ms, **settings, **kw)
+
+
 def isolated_ms(server, model: str, steps: int, repeats: int, sizes=SIZES,
                 guidance: float = 5.0) -> dict[tuple[int, int], float]:
     """Median latency of lone requests per size (after one warm-up each), through the server."""
@@ -89,11 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policies", default=",".join(POLICIES), help="subset of the benchmarked variants")
     ap.add_argument("--tag", default="", help="suffix of the result files (slo-TAG.json, sim-TAG.json)")
     args = ap.parse_args(argv)
+    if args.seeds < 1:
+        ap.error(f"--seeds: allowed >= 1, got {args.seeds}")
     policies = tuple(p for p in POLICIES if p in args.policies.split(","))
     suffix = f"-{args.tag}" if args.tag else ""
 
     from tessera.bench.loadgen import replay, summarize
-    from tessera.bench.simulate import oracle, sar, simulate
+    from tessera.bench.simulate import oracle, sar
     from tessera.bench.traces import poisson
     from tessera.scheduler import CostModel
     from tessera.server import TritonServer
@@ -184,8 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             out = []
             for k, tr in enumerate(traces[i]):
                 c, gap = served(p, k)
-                out += simulate(tr, VARIANTS[p]["policy"], cost if in_process else c, slo, instances=n, gap_s=gap,
-                                **{key: v for key, v in VARIANTS[p].items() if key != "policy"})
+                out += simulate_variant(tr, p, cost if in_process else c, slo, instances=n, gap_s=gap)
             return sar(out)
 
         row = {"load": load, "real": {p: runs[p][i]["slo_attainment"] for p in policies}}

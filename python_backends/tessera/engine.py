@@ -106,19 +106,6 @@ class StepPlan:
         return cls((), ())
 
 
-class _Outputs(list):
-    """A step's outputs, each handed to `emit` (if any) as it is appended."""
-
-    def __init__(self, emit=None):
-        super().__init__()
-        self.emit = emit
-
-    def append(self, out: RequestOutput) -> None:
-        super().append(out)
-        if self.emit is not None:
-            self.emit(out)
-
-
 @dataclass(frozen=True, slots=True)
 class StepRecord:
     step_no: int
@@ -206,7 +193,13 @@ class Engine:
     def step(self, now_s: float, clock=None, emit=None) -> list[RequestOutput]:
         """One engine step; returns its outputs. `emit`, if given, is handed each output the moment it
         exists: a request decoded first in a step is answered before the others' decodes."""
-        outputs: list[RequestOutput] = _Outputs(emit)
+        outputs: list[RequestOutput] = []
+
+        def put(out: RequestOutput) -> None:
+            outputs.append(out)
+            if emit is not None:
+                emit(out)
+
         if self._busy_end_s is not None and self.cost is not None:  # the loop's own time between steps
             self.cost.observe_gap(now_s - self._busy_end_s)
         self._busy_end_s = None
@@ -216,7 +209,7 @@ class Engine:
             out = self.abort(rid, now_s, FinishReason.DROPPED, DeadlineUnreachableError(reason))
             if out is not None:
                 self._warn_drop(rid, reason, now_s)
-                outputs.append(out)
+                put(out)
         for rid, steps in plan.degrade:
             state = self.waiting.get(rid)
             if state is not None and steps < state.params.num_steps:
@@ -238,7 +231,7 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - one bad request must not stop the loop
                 log.exception("[tessera] request %s failed to start", rid)
                 state.done_s = now_s
-                outputs.append(self._final(state, FinishReason.ERROR, error=e))
+                put(self._final(state, FinishReason.ERROR, error=e))
                 continue
             state.joined_s = now_s
             self.running[rid] = state
@@ -260,7 +253,7 @@ class Engine:
             for s in advancing:
                 self.running.pop(s.request_id, None)
                 s.done_s = now_s
-                outputs.append(self._final(s, FinishReason.ERROR, error=e))
+                put(self._final(s, FinishReason.ERROR, error=e))
             return outputs
         # (4) per-request sampler update; (5) progress, finish
         for s, pred in zip(advancing, preds, strict=True):
@@ -281,16 +274,16 @@ class Engine:
                     image = self.pipeline.finish(s.run)
                 except Exception as e:  # noqa: BLE001
                     s.done_s = clock() if clock else end_s
-                    outputs.append(self._final(s, FinishReason.ERROR, error=e))
+                    put(self._final(s, FinishReason.ERROR, error=e))
                     continue
                 s.done_s = clock() if clock else end_s
                 reason = FinishReason.DEGRADED if s.asked_steps else FinishReason.COMPLETED
-                outputs.append(self._final(s, reason, image=image))  # answered now (emit)
+                put(self._final(s, reason, image=image))  # answered now (emit)
                 if self.cost is not None:  # a finish holds the loop for its decode and its answer
                     self.cost.observe_finishes([(self.cost.cells(s), self.clock() - t_finish)])
             elif s.progress:
                 preview = self.pipeline.preview(s.run) if s.preview else None
-                outputs.append(RequestOutput(s.request_id, False, s.step_index, s.params.num_steps, preview))
+                put(RequestOutput(s.request_id, False, s.step_index, s.params.num_steps, preview))
         if self.has_work():
             self._busy_end_s = clock() if clock else None
         # (6) record

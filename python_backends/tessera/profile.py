@@ -84,7 +84,7 @@ def _profile(pipeline, denoiser, sizes, vae_factor, repeats, clock, into, max_ba
     # One untimed pass first: a runtime's first call at a new shape pays its allocations, which served
     # steady state never sees (it inflated the profiled decode cost). It starts with the biggest step the
     # engine may run, so the runtime's memory has grown before serving: served, the first step of two or
-    # three 256x256 requests took ~2.5x its later cost (docs/architecture.md).
+    # three 256x256 requests cost well over its later steps, once, inside a queue (docs/architecture.md).
     for g in ([biggest] if max_batch > 2 else []) + groups:
         timed_step(g, keep=False)
     for _ in range(repeats):

@@ -180,8 +180,8 @@ class _DeadlinePolicy:
             else:
                 drop.append((s.request_id, self._reason(s, now_s)))
         shorter = dict(degrade)
-        waiting = [_with_steps(s, shorter[s.request_id]) if s.request_id in shorter else s for s in waiting]
-        running = [_with_budget(s, shorter[s.request_id]) if s.request_id in shorter else s for s in running]
+        waiting = [_with_total(s, shorter[s.request_id]) if s.request_id in shorter else s for s in waiting]
+        running = [_with_total(s, shorter[s.request_id]) if s.request_id in shorter else s for s in running]
         return waiting, running, tuple(drop), tuple(degrade)
 
     def _fitting_steps(self, s: RequestState, now_s: float, joined: bool = False) -> int:
@@ -196,11 +196,6 @@ class _DeadlinePolicy:
                 f"deadline {(s.deadline_s - s.arrival_s) * 1e3:.0f} ms")
 
 
-def _with_steps(s: RequestState, steps: int) -> RequestState:
-    """A view copy of a waiting request with fewer steps (for predictions only)."""
-    return replace(s, params=replace(s.params, num_steps=steps))
-
-
 @dataclass(frozen=True)
 class _Budget:
     """Stands in for a running request's run in a view copy: its progress under a lowered step total."""
@@ -209,8 +204,11 @@ class _Budget:
     steps_left: int
 
 
-def _with_budget(s: RequestState, total: int) -> RequestState:
-    """A view copy of a running request that will end after `total` steps (for predictions only)."""
+def _with_total(s: RequestState, total: int) -> RequestState:
+    """A view copy of `s` that ends after `total` steps (for predictions only): a waiting request with
+    fewer steps, a running one with a lowered budget."""
+    if s.run is None:
+        return replace(s, params=replace(s.params, num_steps=total))
     return replace(s, run=_Budget(s.step_index, max(total - s.step_index, 0)))
 
 
@@ -315,61 +313,62 @@ class RoundsPolicy(_DeadlinePolicy):
         from slack), if that stays at or above min_steps; only otherwise set aside. Returns the admitted
         requests (view copies where shortened) and {request id: its new total steps}."""
         kept: list[RequestState] = []
+        alone: list[float] = []  # each kept request's time alone (predicted once: this runs every round)
         shortened: dict[str, int] = {}
         t = now_s
         for s in edf:
             kept.append(s)
-            t += self.cost.alone_s(s)
+            alone.append(self.cost.alone_s(s))
+            t += alone[-1]
             if _fits(t, s, now_s, self.margin):
                 continue
-            longest = max(kept, key=self.cost.alone_s)
-            i = kept.index(longest)
-            short = self._shortened(longest, (t - now_s) - (s.deadline_s - now_s) / (1.0 + self.margin))
-            if short is not None:
-                kept[i], total = short
+            i = max(range(len(kept)), key=alone.__getitem__)  # the longest (first of equals)
+            longest = kept[i]
+            total = self._shortened(longest, (t - now_s) - (s.deadline_s - now_s) / (1.0 + self.margin))
+            if total is not None:
+                kept[i] = _with_total(longest, total)
                 shortened[longest.request_id] = total
-                t -= self.cost.alone_s(longest) - self.cost.alone_s(kept[i])
+                now_alone = self.cost.alone_s(kept[i])
+                t -= alone[i] - now_alone
+                alone[i] = now_alone
             else:
                 kept.pop(i)
                 shortened.pop(longest.request_id, None)
-                t -= self.cost.alone_s(longest)
+                t -= alone.pop(i)
         return kept, shortened
 
-    def _shortened(self, s: RequestState, excess_s: float) -> tuple[RequestState, int] | None:
-        """`s` with enough steps fewer to save `excess_s`, and its new total; None when not degrading or
-        below the floor."""
+    def _shortened(self, s: RequestState, excess_s: float) -> int | None:
+        """The total steps that save `excess_s` on `s`; None when not degrading or below the floor."""
         per = self.cost.step_s([s])
         if self.on_hopeless != "degrade" or per <= 0:
             return None
-        cut = math.ceil(excess_s / per - 1e-9)
-        done = s.step_index if s.run is not None else 0
-        total = done + s.steps_left - cut
-        if total < max(min(self.min_steps, s.params.num_steps), done + 1):
+        total = s.step_index + s.steps_left - math.ceil(excess_s / per - 1e-9)
+        if total < max(min(self.min_steps, s.params.num_steps), s.step_index + 1):
             return None
-        return (_with_budget(s, total) if s.run is not None else _with_steps(s, total)), total
+        return total
 
     def pack(self, committed: list[RequestState], now_s: float) -> list[RequestState]:
         """This round's batch: the earliest deadline, plus each later committed request whose batching
         keeps every committed request on time (the batch runs together, the rest after it in EDF order)."""
         if not committed:
             return []
+        alone = [self.cost.alone_s(s) for s in committed]  # predicted once, not once per candidate
         chosen = committed[:1]
         for s in committed[1:]:
             if len(chosen) >= self.max_batch:
                 break
-            if self._plan_on_time(chosen + [s], committed, now_s):
+            if self._plan_on_time(chosen + [s], committed, alone, now_s):
                 chosen = chosen + [s]
         return chosen
 
-    def _plan_on_time(self, batch, committed, now_s: float) -> bool:
+    def _plan_on_time(self, batch, committed, alone, now_s: float) -> bool:
         ft = self.cost.finish_times(batch, now_s)
         if not all(_fits(ft[s.request_id], s, now_s, self.margin) for s in batch):
             return False
         t = max(ft.values())
-        ids = set(ft)
-        for s in committed:
-            if s.request_id not in ids:
-                t += self.cost.alone_s(s)
+        for s, a in zip(committed, alone, strict=True):
+            if s.request_id not in ft:
+                t += a
                 if not _fits(t, s, now_s, self.margin):
                     return False
         return True
