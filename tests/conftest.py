@@ -36,19 +36,22 @@ def repo(work_dir, tiny_pipelines) -> Path:
     """One repository serving both pipelines: `txt2img` -> `engine` (UNet, BLS, ORT, per-resolution
     batching) and `dit_txt2img` -> `dit_engine` (SD3-style DiT), plus `txt2img_local` -> `engine_local`
     (in-process ORT components) and `txt2img_patches` -> `engine_patches` (torch, exact patches)."""
+    from tessera.config import EngineConfig
     from tessera_export.repository import add_engine, export_pipeline
 
     path = work_dir / "repo"
     quiet = lambda *_: None  # noqa: E731
-    export_pipeline(tiny_pipelines["unet"], path, progress=quiet)
-    export_pipeline(tiny_pipelines["dit"], path, prefix="dit_", progress=quiet)
+    fcfs = EngineConfig(policy="step-fcfs")  # plumbing tests: every request served (policies: test_faults.py)
+    export_pipeline(tiny_pipelines["unet"], path, engine_config=fcfs, progress=quiet)
+    export_pipeline(tiny_pipelines["dit"], path, prefix="dit_", engine_config=fcfs, progress=quiet)
     add_engine(path, "engine", "engine_local", entry="txt2img_local", executor="local")
     add_engine(path, "engine", "engine_patches", entry="txt2img_patches", denoiser_runtime="torch",
                denoise_mode="patches")
     add_engine(path, "engine", "engine_wide", max_batch=128)  # room for 100+ requests in one step
     reference = Path(__file__).resolve().parents[1] / "quality_models" / "heavy"
     if reference.is_dir():  # the committed quality reference (tests/integration/test_quality_smoke.py)
-        export_pipeline(reference, path, prefix="ref_", executor="local", progress=quiet)
+        export_pipeline(reference, path, prefix="ref_", engine_config=EngineConfig(executor="local", policy="step-fcfs"),
+                        progress=quiet)
         # the same model with entropy early exit on by default (tests/integration/test_early_exit_serving.py)
         add_engine(path, "ref_engine", "ref_engine_ee", entry="ref_txt2img_ee", early_exit="on")
     return path

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from tessera.errors import ExportError
+from tessera.options import Family
 from tessera.executors.base import DENOISER_OUTPUT, TEXT_INPUT, TEXT_OUTPUTS, VAE_INPUT, VAE_OUTPUT
 from tessera.executors.ort import OrtModel
 
@@ -90,7 +91,7 @@ def _rand_inputs(shapes: dict, seed: int) -> dict[str, np.ndarray]:
 def plan_components(pipe, family: str, latent_hw: tuple[tuple[int, int], tuple[int, int]]) -> list[ComponentExport]:
     """What to export for this pipeline, with example shapes at two latent sizes."""
     comps: list[ComponentExport] = []
-    encoders = ["text_encoder"] + (["text_encoder_2"] if family == "sd3" else [])
+    encoders = ["text_encoder"] + (["text_encoder_2"] if family is Family.SD3 else [])
     for name in encoders:
         te = getattr(pipe, name)
         vocab = te.config.vocab_size
@@ -106,7 +107,7 @@ def plan_components(pipe, family: str, latent_hw: tuple[tuple[int, int], tuple[i
             )
         )
     (h1, w1), (h2, w2) = latent_hw
-    if family == "sd":
+    if family is Family.SD:
         unet = pipe.unet
         c, d = unet.config.in_channels, unet.config.cross_attention_dim
         seq = pipe.tokenizer.model_max_length

@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import shutil
+import struct
 import tempfile
 import time
 from dataclasses import fields, replace
@@ -22,9 +23,11 @@ import numpy as np
 
 from tessera.errors import ExportError, RuntimeUnavailableError
 from tessera.inputs import Limits
+from tessera.options import Executor, Family
 from tessera.spec import PipelineSpec
 from tessera.config import EngineConfig
 from tessera.wire import (
+    WARMUP_SAMPLE,
     ENGINE_MODEL, ENTRY_INPUTS, ENTRY_MAX_BATCH, ENTRY_MODEL, OUTPUT_IMAGE, OUTPUT_STEPS, STREAM_INPUTS,
 )
 
@@ -57,12 +60,13 @@ def check_tensorrt() -> None:
         )
 
 
-def _family(pipe) -> str:
-    if getattr(pipe, "unet", None) is not None:
-        return "sd"
-    tr = getattr(pipe, "transformer", None)
-    if tr is not None and type(tr).__name__ == "SD3Transformer2DModel":
-        return "sd3"
+def _family(pipe) -> Family:
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+
+    if isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
+        return Family.SD
+    if isinstance(getattr(pipe, "transformer", None), SD3Transformer2DModel):
+        return Family.SD3
     raise ExportError(
         f"pipeline: unsupported pipeline class {type(pipe).__name__}; allowed StableDiffusionPipeline-style "
         "(UNet2DConditionModel) or StableDiffusion3Pipeline-style (SD3Transformer2DModel, no T5)"
@@ -116,8 +120,32 @@ def _parameters(params: dict) -> str:
     return "".join(f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n' for k, v in params.items())
 
 
-def _engine_config(name: str, config: EngineConfig) -> str:
-    """The decoupled engine: the entry inputs plus optional streaming flags; image, step, preview out."""
+def _warmup_block(limits: Limits) -> str:
+    """One valid 1-step request at the smallest size: Triton runs it after initialize and before the model
+    is ready, when BLS to the components is allowed; the engine profiles its cost model first."""
+    inputs = "".join(
+        f'    inputs {{ key: "{n}" value: {{ data_type: TYPE_{t} dims: [ 1 ] input_data_file: "{n}" }} }}\n'
+        for n, t in (("prompt", "STRING"), ("height", "INT32"), ("width", "INT32"), ("steps", "INT32"),
+                     ("guidance_scale", "FP32"), ("seed", "INT64"))
+    )
+    return f'model_warmup [\n  {{\n    name: "{WARMUP_SAMPLE}"\n    batch_size: 1\n{inputs}  }}\n]\n'
+
+
+def _warmup_files(directory: Path, limits: Limits) -> None:
+    """The warmup sample's raw inputs (Triton's input_data_file format: little-endian values; a string is a
+    4-byte length, then its bytes)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    prompt = b"warm-up"
+    (directory / "prompt").write_bytes(struct.pack("<I", len(prompt)) + prompt)
+    for name, value in (("height", limits.min_size), ("width", limits.min_size), ("steps", 1)):
+        (directory / name).write_bytes(struct.pack("<i", value))
+    (directory / "guidance_scale").write_bytes(struct.pack("<f", 1.0))
+    (directory / "seed").write_bytes(struct.pack("<q", 0))
+
+
+def _engine_config(name: str, config: EngineConfig, limits: Limits) -> str:
+    """The decoupled engine: the entry inputs plus optional streaming flags; image, step, preview out; warmed
+    up and profiled before it reports ready."""
     ins = [(s.name, f"TYPE_{s.triton_type}", [1], s.optional, False) for s in ENTRY_INPUTS]
     ins += [(n, "TYPE_BOOL", [1], True, False) for n in STREAM_INPUTS]
     outs = [(OUTPUT_IMAGE, "TYPE_UINT8", [-1, -1, 3], False, False), (OUTPUT_STEPS, "TYPE_INT32", [1], False, False),
@@ -128,6 +156,7 @@ def _engine_config(name: str, config: EngineConfig) -> str:
         + _io_block("input", ins) + _io_block("output", outs)
         + "instance_group [ { count: 1 kind: KIND_CPU } ]\n"
         + _parameters({f.name: getattr(config, f.name) for f in fields(config)})
+        + _warmup_block(limits)
     )
 
 
@@ -160,7 +189,9 @@ def write_engine(repo: Path, name: str, spec_json: str, tokenizer_src: Path | No
     vdir.mkdir(parents=True, exist_ok=True)
     (vdir / "manifest.json").write_text(spec_json)
     (vdir / "model.py").write_text(SHIM_ENGINE)
-    (repo / name / "config.pbtxt").write_text(_engine_config(name, config))
+    limits = PipelineSpec.from_json(spec_json).limits
+    (repo / name / "config.pbtxt").write_text(_engine_config(name, config, limits))
+    _warmup_files(repo / name / "warmup", limits)
     if entry is not None:
         shutil.rmtree(repo / entry, ignore_errors=True)
         (repo / entry / "1").mkdir(parents=True)
@@ -244,7 +275,7 @@ def export_pipeline(
         raise ExportError(f"target: unknown target; allowed {', '.join(TARGETS)}, got {target!r}")
     engine_config = engine_config or EngineConfig(executor=executor)
     if target == "gpu":
-        if engine_config.executor == "local":
+        if engine_config.executor is Executor.LOCAL:
             raise ExportError("executor: 'local' runs ONNX Runtime in-process; allowed with --target gpu: bls")
         check_tensorrt()
     import torch
@@ -256,7 +287,7 @@ def export_pipeline(
     pipe = load_pipeline(pipeline_dir)
     family = _family(pipe)
     vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    if family == "sd":
+    if family is Family.SD:
         den_factor = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
         patch = 1
     else:
@@ -328,8 +359,8 @@ def export_pipeline(
         vae_decoder=names["vae_decoder"],
         sampler_config=json.loads(json.dumps(dict(pipe.scheduler.config), default=str))
         | {"_class_name": type(pipe.scheduler).__name__},
-        joint_attention_dim=int(pipe.transformer.config.joint_attention_dim) if family == "sd3" else 0,
-        t5_tokens=256 if family == "sd3" else 0,
+        joint_attention_dim=int(pipe.transformer.config.joint_attention_dim) if family is Family.SD3 else 0,
+        t5_tokens=256 if family is Family.SD3 else 0,
         patch_size=patch,
         denoiser_multiple=den_factor,
         torch_denoiser=f"{names['denoiser']}/1/torch",

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from .errors import TesseraError
+from .options import OnHopeless, PolicyName, Switch
 
 
 def _cmd_build_tiny(a: argparse.Namespace) -> int:
@@ -33,7 +34,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
     config = EngineConfig(
         policy=a.policy, max_batch=a.max_batch, max_in_flight=a.max_in_flight, executor=a.executor,
         denoiser_runtime=a.denoiser_runtime, denoise_mode=a.denoise_mode, patch_size=a.patch_size,
-        tile_size=a.tile_size, tile_overlap=a.tile_overlap,
+        tile_size=a.tile_size, tile_overlap=a.tile_overlap, on_hopeless=a.on_hopeless, early_refusal=a.early_refusal,
     )
     export_pipeline(
         a.pipeline_dir, a.repo, target=a.target, prefix=a.prefix, executor=a.executor,
@@ -168,7 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prefix", default="", help="prefix for every model name (several pipelines in one repo)")
     e.add_argument("--executor", choices=["bls", "local"], default="bls",
                    help="engine calls components over BLS, or runs their ONNX files in-process")
-    e.add_argument("--policy", default="step-fcfs", help="request scheduling policy")
+    e.add_argument("--policy", choices=[m.value for m in PolicyName], default=PolicyName.ROUNDS.value,
+                   help="request scheduling policy (default: %(default)s, the best full-step policy measured)")
+    e.add_argument("--on-hopeless", choices=[m.value for m in OnHopeless], default=OnHopeless.DROP.value,
+                   help="slack/rounds: a request that cannot meet its deadline is dropped, or degraded to fewer "
+                        "steps (default: %(default)s)")
+    e.add_argument("--early-refusal", choices=[m.value for m in Switch], default=Switch.ON.value,
+                   help="slack/rounds: refuse at admission a request the plan cannot fit (default: %(default)s)")
     e.add_argument("--denoiser-runtime", choices=["ort", "torch"], default="ort")
     e.add_argument("--denoise-mode", choices=["concat", "patches", "tiled"], default="concat",
                    help="per-step batching: per resolution, exact patches (torch), or fixed tiles")

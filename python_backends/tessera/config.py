@@ -5,25 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from .errors import ConfigError
+from .options import DenoiseMode, Executor, LastStep, OnHopeless, Option, PolicyName, Runtime, Switch
 
-EXECUTORS = ("bls", "local")
-RUNTIMES = ("ort", "torch")
-MODES = ("concat", "patches", "tiled")
+OPTIONS: dict[str, type[Option]] = {c.__name__: c for c in (DenoiseMode, Executor, LastStep, OnHopeless, PolicyName,
+                                                            Runtime, Switch)}
 
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    policy: str = "step-fcfs"
-    """Request scheduling policy (scheduler.POLICIES)."""
+    policy: PolicyName = PolicyName.ROUNDS
+    """Request scheduling policy (scheduler.POLICIES); rounds holds deadlines best in every benchmark here."""
     max_batch: int = 16
     """Most requests advanced in one step."""
     max_in_flight: int = 256
     """Admission bound: beyond it a request is rejected at once (UNAVAILABLE)."""
-    executor: str = "bls"
+    executor: Executor = Executor.BLS
     """How text encoder, VAE (and the ORT denoiser) are called: BLS to their models, or in-process ORT."""
-    denoiser_runtime: str = "ort"
+    denoiser_runtime: Runtime = Runtime.ORT
     """ort: the exported ONNX denoiser; torch: the diffusers module saved next to it (exact patches)."""
-    denoise_mode: str = "concat"
+    denoise_mode: DenoiseMode = DenoiseMode.CONCAT
     """concat: one call per latent resolution; patches: one exact call (torch); tiled: fixed-size tiles."""
     patch_size: int = 0
     """Patch edge in latent cells for denoise_mode=patches; 0 = GCD of the step's resolutions."""
@@ -35,7 +35,7 @@ class EngineConfig:
     """torch / ORT threads (1: two threads on 2 shared cores gave 100x outliers)."""
     slo_scale: float = 5.0
     """Deadline of a request without slo_ms: slo_scale x its profiled isolated latency."""
-    on_hopeless: str = "drop"
+    on_hopeless: OnHopeless = OnHopeless.DROP
     """slack/rounds: a request that cannot meet its deadline even alone is dropped, or degraded to fewer steps."""
     min_steps: int = 4
     """Degrade never goes below this many steps (or the steps asked, if fewer)."""
@@ -44,7 +44,7 @@ class EngineConfig:
     deadline_margin: float = 0.1
     """slack/rounds: plan as if the predicted time still to run were this fraction longer (step-time
     jitter; 0 plans on the predictions exactly). Hopeless still means hopeless on the bare prediction."""
-    early_exit: str = "off"
+    early_exit: Switch = Switch.OFF
     """Entropy early exit for requests that do not say (their `early_exit` input overrides): off, on."""
     exit_epsilon: float = 0.002
     """Early exit: stop when |H_t - H_t-1| of the predicted clean latent's entropy stays below this..."""
@@ -52,28 +52,29 @@ class EngineConfig:
     """... for this many consecutive steps."""
     exit_min_fraction: float = 0.3
     """Early exit never ends a request before max(min_steps, this fraction of its steps)."""
-    last_step: str = "x0"
+    last_step: LastStep = LastStep.X0
     """How an early-stopped request ends: jump (one more step straight to t=0), x0 (decode the predicted
     clean latent), none (decode the noisy latent; ablation only)."""
     profile_sizes: str = ""
     """Start-up profile sizes, 'HxW,HxW'; empty = min, 2x and 4x the minimum size, plus one non-square."""
+    early_refusal: Switch = Switch.ON
+    """slack/rounds: refuse a newcomer at admission (UNAVAILABLE, within milliseconds) when the current plan
+    cannot fit it by its deadline, instead of when it becomes hopeless alone (perf/results/overload.json)."""
+    fault_injection: Switch = Switch.OFF
+    """Testing only: requests whose prompt carries a fault marker fail at that stage (tessera.faults)."""
 
     def __post_init__(self) -> None:
-        for name, allowed in (("executor", EXECUTORS), ("denoiser_runtime", RUNTIMES), ("denoise_mode", MODES)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name}: unknown value; allowed {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.denoise_mode == "patches" and self.denoiser_runtime != "torch":
+        for f in fields(self):
+            if f.type in OPTIONS:  # options are enum members from here on
+                object.__setattr__(self, f.name, OPTIONS[f.type].parse(f.name, getattr(self, f.name)))
+        if self.denoise_mode is DenoiseMode.PATCHES and self.denoiser_runtime is not Runtime.TORCH:
             raise ConfigError(
                 "denoise_mode: 'patches' needs patch-aware ops; allowed with denoiser_runtime=torch, "
-                f"got denoiser_runtime={self.denoiser_runtime!r} (use denoise_mode=tiled for fixed-shape runtimes)"
+                f"got denoiser_runtime={self.denoiser_runtime.value!r} (use denoise_mode=tiled for fixed-shape runtimes)"
             )
         if not 0 <= self.tile_overlap < self.tile_size:
             raise ConfigError(f"tile_overlap: allowed [0, tile_size={self.tile_size}), got {self.tile_overlap}")
-        if self.early_exit not in ("off", "on"):
-            raise ConfigError(f"early_exit: unknown value; allowed off, on, got {self.early_exit!r}")
-        self.exit_rule()  # validates exit_* and last_step
-        if self.on_hopeless not in ("drop", "degrade"):
-            raise ConfigError(f"on_hopeless: unknown value; allowed drop, degrade, got {self.on_hopeless!r}")
+        self.exit_rule()  # validates exit_*
         if not 0 <= self.deadline_margin <= 1:
             raise ConfigError(f"deadline_margin: allowed [0, 1], got {self.deadline_margin}")
         if not self.slo_scale > 0:

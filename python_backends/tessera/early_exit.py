@@ -1,7 +1,7 @@
 """Entropy-driven early exit (QoS-Diff §4, our reconstruction; docs/early_exit.md says why these choices).
 
 Pure: no Triton, no torch state. The engine asks `ExitRule.should_stop` after each step of a request and,
-when it fires, ends the request with "one last step" (`LAST_STEPS`):
+when it fires, ends the request with "one last step" (`options.LastStep`):
 
   x0     decode the predicted clean latent x0_hat of the step just taken: no extra call (default);
   jump   one more denoiser call at the next timestep, whose update goes straight to t = 0 (its x0_hat is
@@ -24,8 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ConfigError
-
-LAST_STEPS = ("jump", "x0", "none")
+from .options import LastStep
 
 
 def gaussian_entropy(x: np.ndarray) -> float:
@@ -55,7 +54,7 @@ class ExitRule:
     window: int = 2
     min_fraction: float = 0.3
     min_steps: int = 4
-    last_step: str = "x0"
+    last_step: LastStep = LastStep.X0
 
     def __post_init__(self) -> None:
         if not self.epsilon >= 0:
@@ -64,8 +63,7 @@ class ExitRule:
             raise ConfigError(f"exit_window: allowed >= 1, got {self.window}")
         if not 0.0 <= self.min_fraction <= 1.0:
             raise ConfigError(f"exit_min_fraction: allowed [0, 1], got {self.min_fraction}")
-        if self.last_step not in LAST_STEPS:
-            raise ConfigError(f"last_step: unknown value; allowed {', '.join(LAST_STEPS)}, got {self.last_step!r}")
+        object.__setattr__(self, "last_step", LastStep.parse("last_step", self.last_step))
 
     def floor(self, asked: int) -> int:
         """Fewest steps a request may end with (never more than it asked for)."""
@@ -75,7 +73,7 @@ class ExitRule:
         """`entropies[i]` is H after step i+1. True when the request should end now (the last step, if any,
         still to come). Never for a request already at its last step or below the floor."""
         done = len(entropies)
-        extra = 1 if self.last_step == "jump" else 0
+        extra = 1 if self.last_step is LastStep.JUMP else 0
         if done + extra >= asked or done + extra < self.floor(asked):
             return False
         if done < self.window + 1:

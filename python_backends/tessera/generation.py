@@ -18,6 +18,7 @@ import torch
 from .early_exit import gaussian_entropy
 from .executors.base import Components
 from .request import GenerationParams
+from .options import Family
 from .spec import PipelineSpec
 
 
@@ -79,7 +80,7 @@ class Txt2Img:
             self.components.encode_text(enc, self._token_ids(tok, texts))
             for enc, tok in zip(self.spec.text_encoders, self.tokenizers, strict=True)
         ]
-        if self.spec.family == "sd":
+        if self.spec.family is Family.SD:
             return outs[0]["last_hidden_state"].astype(np.float32), None
         # sd3: penultimate hidden states of both CLIPs side by side, padded to the joint width, then the
         # zero T5 tokens appended; pooled = both projections side by side.
@@ -100,7 +101,7 @@ class Txt2Img:
         latents = torch.randn(shape, generator=generator, dtype=torch.float32)
         sampler = copy.deepcopy(self._sampler_proto)
         sampler.set_timesteps(params.num_steps, device="cpu")
-        if self.spec.family == "sd":
+        if self.spec.family is Family.SD:
             latents = latents * sampler.init_noise_sigma
         return RequestRun(params, sampler, latents, embeds, pooled, sampler.timesteps)
 
@@ -108,7 +109,7 @@ class Txt2Img:
         """This step's denoiser batch for one request: [uncond, cond] halves with CFG."""
         t = run.timesteps[run.step_index]
         model_in = torch.cat([run.latents] * 2) if run.params.do_cfg else run.latents
-        if self.spec.family == "sd":
+        if self.spec.family is Family.SD:
             model_in = run.sampler.scale_model_input(model_in, t)
         n = model_in.shape[0]
         inputs = {

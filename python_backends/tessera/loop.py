@@ -1,5 +1,12 @@
 """EngineLoop: the engine's own thread. Other threads only submit and cancel; the loop applies both at
-the next step boundary, steps while there is work, and hands every RequestOutput to `sink`."""
+the next step boundary, steps while there is work, and hands every RequestOutput to `sink`.
+
+Admission runs on the submitting thread and answers at once: a full engine (OverloadedError), a stopped
+one (ShutdownError), and with early refusal a request the current plan cannot fit by its deadline
+(RefusedError), tested against the snapshot the loop publishes after every step. If the loop
+itself fails (anything the engine's own containment did not catch), every accepted request is answered,
+later submissions are refused and `on_dead` is called: the model reports itself not ready.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +16,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from .engine import Engine, FinishReason, RequestOutput, RequestState
-from .errors import TesseraError
+from .engine import Engine
+from .errors import OverloadedError, RefusedError, ShutdownError
+from .plan import EngineView, RequestOutput
+from .request import FinishReason, RequestState
 
 log = logging.getLogger(__name__)
-
-
-class OverloadedError(TesseraError, RuntimeError):
-    """Admission is full; answered at once (UNAVAILABLE)."""
-
-
-class ShutdownError(TesseraError, RuntimeError):
-    """The model is shutting down; in-flight requests are failed with this (UNAVAILABLE)."""
 
 
 class EngineLoop:
@@ -29,19 +30,20 @@ class EngineLoop:
         engine: Engine,
         sink: Callable[[RequestOutput], None],
         is_cancelled: Callable[[str], bool] | None = None,
-        clock: Callable[[], float] = time.monotonic,
         max_in_flight: int = 256,
-        prepare: Callable[[], None] | None = None,
+        early_refusal: bool = False,
+        on_dead: Callable[[BaseException], None] | None = None,
     ):
-        """`prepare` runs on the loop thread when the first request arrives (the start-up profile:
-        BLS is refused until the model's initialize has returned)."""
-        self.prepare = prepare
-        self.engine, self.sink, self.is_cancelled, self.clock = engine, sink, is_cancelled, clock
+        self.engine, self.sink, self.is_cancelled = engine, sink, is_cancelled
         self.max_in_flight = max_in_flight
+        self.early_refusal = early_refusal
+        self.on_dead = on_dead
         self._inbox: deque[tuple[str, object]] = deque()
         self._cv = threading.Condition()
         self._pending = 0  # submitted, not yet finished (lock-guarded by _cv)
         self._stop = False
+        self.dead: BaseException | None = None  # why the loop stopped, if it failed
+        self._published = engine.snapshot()  # the engine as of the last step boundary (lock-guarded)
         self._thread = threading.Thread(target=self._run, name="tessera-engine", daemon=True)
 
     def start(self) -> EngineLoop:
@@ -54,16 +56,29 @@ class EngineLoop:
             return self._pending
 
     def submit(self, state: RequestState) -> None:
+        """Admit `state` or raise (answered at once by the caller)."""
+        self.engine.admit(state)
         with self._cv:
-            if self._stop:
-                raise ShutdownError("engine: shutting down; allowed: retry on another instance")
+            if self._stop or self.dead is not None:
+                raise ShutdownError("engine: not serving (shutting down or its loop stopped); allowed: retry on "
+                                    "another instance")
             if self._pending >= self.max_in_flight:
                 raise OverloadedError(
                     f"engine: overloaded; allowed at most {self.max_in_flight} requests in flight, got one more"
                 )
+            if self.early_refusal:
+                reason = self.engine.policy.refuse(self._planned_view(), state, self.engine.clock())
+                if reason is not None:
+                    raise RefusedError(reason)
             self._pending += 1
             self._inbox.append(("add", state))
             self._cv.notify()
+
+    def _planned_view(self) -> EngineView:
+        """The published snapshot plus the requests accepted since (not yet in the engine)."""
+        view = self._published
+        queued = tuple(p for kind, p in self._inbox if kind == "add")
+        return EngineView(view.waiting + queued, view.running, view.step_no, view.last_advance)
 
     def cancel(self, request_id: str) -> None:
         with self._cv:
@@ -89,47 +104,71 @@ class EngineLoop:
         with self._cv:
             items = list(self._inbox)
             self._inbox.clear()
-        now = self.clock()
         for kind, payload in items:
             if kind == "add":
-                self.engine.add(payload)  # type: ignore[arg-type]
+                self.engine.add(payload, admitted=True)  # type: ignore[arg-type]
             else:
-                out = self.engine.abort(payload, now)  # type: ignore[arg-type]
-                if out is not None:
-                    log.info("[tessera] cancelled %s at step %d", payload, out.step_index)
-                    self._emit(out)
+                self._cancel(payload)  # type: ignore[arg-type]
         if self.is_cancelled is not None:
-            ids = list(self.engine.waiting) + list(self.engine.running)
-            for rid in ids:
+            for rid in [*self.engine.waiting, *self.engine.running]:
                 if self.is_cancelled(rid):
-                    out = self.engine.abort(rid, now)
-                    if out is not None:
-                        log.info("[tessera] cancelled %s at step %d", rid, out.step_index)
-                        self._emit(out)
+                    self._cancel(rid)
+
+    def _cancel(self, request_id: str) -> None:
+        out = self.engine.abort(request_id)
+        if out is not None:
+            log.info("[tessera] cancelled %s at step %d", request_id, out.step_index)
+            self._emit(out)
+
+    def _publish(self) -> None:
+        snapshot = self.engine.snapshot()
+        with self._cv:
+            self._published = snapshot
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # noqa: BLE001 - anything the engine did not contain ends the loop
+            self._die(e)
+            return
+        self._answer_all(ShutdownError("engine: shutting down; the request was not finished"))
+
+    def _serve(self) -> None:
         while True:
             with self._cv:
                 while not self._inbox and not self.engine.has_work() and not self._stop:
+                    self.engine.idle()
                     self._cv.wait()
                 if self._stop:
-                    break
-            if self.prepare is not None:  # first work: the model's initialize has returned by now
-                prepare, self.prepare = self.prepare, None
-                try:
-                    prepare()
-                except Exception:  # noqa: BLE001 - serve without a profile rather than not at all
-                    log.exception("[tessera] start-up profile failed; deadlines use an unfitted predictor")
+                    return
             self._drain()
             if self.engine.has_work():
-                try:  # each output is answered the moment the engine has it (emit)
-                    self.engine.step(self.clock(), self.clock, emit=self._emit)
-                except Exception:  # noqa: BLE001 - keep serving; the engine fails requests itself
-                    log.exception("[tessera] engine step failed")
-        # Shutdown: every accepted request still gets its one final response.
-        self._drain()
-        now = self.clock()
-        for rid in list(self.engine.waiting) + list(self.engine.running):
-            out = self.engine.abort(rid, now, FinishReason.ERROR, ShutdownError("engine: shutting down; the request was not finished"))
+                self.engine.step(emit=self._emit)  # each output is answered the moment it exists
+            if self.early_refusal:
+                self._publish()
+
+    def _die(self, e: BaseException) -> None:
+        log.critical("[tessera] engine loop stopped: %s: %s; the model reports not ready", type(e).__name__, e,
+                     exc_info=e)
+        with self._cv:
+            self.dead = e
+        self._answer_all(ShutdownError(f"engine: loop stopped ({type(e).__name__}: {e}); the request was not "
+                                       "finished; allowed: retry on another instance"))
+        if self.on_dead is not None:
+            try:
+                self.on_dead(e)
+            except Exception:  # noqa: BLE001
+                log.exception("[tessera] marking the model not ready failed")
+
+    def _answer_all(self, error: Exception) -> None:
+        """Every accepted request still in flight gets its one final response."""
+        with self._cv:
+            items = list(self._inbox)
+            self._inbox.clear()
+        for kind, payload in items:
+            if kind == "add":
+                self.engine.waiting.setdefault(payload.request_id, payload)  # type: ignore[union-attr]
+        for rid in [*self.engine.waiting, *self.engine.running]:
+            out = self.engine.abort(rid, FinishReason.ERROR, error)
             if out is not None:
                 self._emit(out)

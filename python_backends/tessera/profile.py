@@ -11,10 +11,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from .engine import RequestState
+from .request import RequestState
 from .predictor import BatchShape, LatencyPredictor
 from .request import GenerationParams
-from .scheduler import CostModel
+from .cost import CostModel
 
 log = logging.getLogger(__name__)
 

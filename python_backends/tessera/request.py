@@ -1,8 +1,13 @@
-"""Per-request generation parameters (frozen), as parsed and validated from the wire."""
+"""Request data: per-request parameters (frozen, as parsed from the wire), the engine's mutable state of a
+request in flight, and how a request ended."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import enum
+import math
+from dataclasses import dataclass, field, replace
+
+from .interfaces import Run
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,10 +19,71 @@ class GenerationParams:
     num_steps: int
     guidance_scale: float
     seed: int
-    slo_ms: int | None = None  # deadline relative to arrival; recorded now, used by the scheduler
+    slo_ms: int | None = None  # deadline relative to arrival; None: slo_scale x the isolated latency
     early_exit: bool | None = None  # entropy early exit for this request; None: the server's default
 
     @property
     def do_cfg(self) -> bool:
         """Classifier-free guidance runs when guidance_scale > 1, as in diffusers pipelines."""
         return self.guidance_scale > 1.0
+
+
+class FinishReason(str, enum.Enum):
+    COMPLETED = "completed"
+    DEGRADED = "degraded"  # completed with fewer steps than asked, to meet its deadline
+    CANCELLED = "cancelled"
+    ERROR = "error"
+    DROPPED = "dropped"  # its deadline could not be met (refused at admission, or hopeless later)
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A run's progress frozen for planning: view copies carry it instead of the live run."""
+
+    step_index: int
+    steps_left: int
+
+
+@dataclass(slots=True)
+class RequestState:
+    """Mutable per-request state; only the Engine writes it (policies read frozen copies, `frozen()`)."""
+
+    request_id: str
+    params: GenerationParams
+    arrival_s: float
+    progress: bool = False  # send a progress event after every step
+    preview: bool = False  # include a cheap preview image in progress events
+    run: Run | Progress | None = None  # set when the request joins
+    deadline_s: float = math.inf  # absolute, same clock as arrival_s
+    isolated_s: float = 0.0  # predicted latency of this request alone (k x isolated is the default SLO)
+    asked_steps: int | None = None  # set when degraded: the steps the client asked for
+    slack_at_join: float | None = None  # (deadline - join - predicted remaining) / isolated
+    early_exit: bool = False  # resolved at admission: the request's choice, else the server's default
+    exited: bool = False  # stopped by the entropy rule
+    joined_s: float | None = None
+    step_s: list[float] = field(default_factory=list)  # end time of each step
+    done_s: float | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.params.height, self.params.width
+
+    @property
+    def step_index(self) -> int:
+        return 0 if self.run is None else self.run.step_index
+
+    @property
+    def steps_left(self) -> int:
+        return self.params.num_steps if self.run is None else self.run.steps_left
+
+    def frozen(self) -> RequestState:
+        """A copy for planning on another thread: the live run replaced by its progress."""
+        run = None if self.run is None else Progress(self.step_index, self.steps_left)
+        return replace(self, run=run, step_s=[])
+
+    def with_total(self, total: int) -> RequestState:
+        """A planning copy that ends after `total` steps: a waiting request with fewer steps, a running
+        one with a lowered budget."""
+        if self.run is None:
+            return replace(self, params=replace(self.params, num_steps=total), step_s=[])
+        return replace(self, run=Progress(self.step_index, max(total - self.step_index, 0)), step_s=[])

@@ -18,11 +18,13 @@ import subprocess
 import sys
 import sysconfig
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RuntimeUnavailableError, TesseraError
+from .wire import WARMUP_SAMPLE
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,7 @@ class TritonServer:
     log_path: Path | None = None
     exit_timeout_s: int = 20
     extra_args: list[str] = field(default_factory=list)
+    staged: bool = True  # load engines after the rest is ready (explicit model control), see start()
     proc: subprocess.Popen | None = None
 
     def __post_init__(self) -> None:
@@ -129,8 +132,15 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             "--log-info=true",
+            *self._staging_args(),
             *self.extra_args,
         ]
+
+    def _staging_args(self) -> list[str]:
+        if not self.staged:
+            return []
+        first = [m for m in repository_models(self.repo) if m not in engine_models(self.repo)]
+        return ["--model-control-mode=explicit", *(f"--load-model={m}" for m in first)]
 
     def start(self, timeout_s: float = 300.0) -> TritonServer:
         if not self.repo.is_dir():
@@ -143,11 +153,30 @@ class TritonServer:
             preexec_fn=_die_with_parent,
         )
         try:
+            deadline = time.monotonic() + timeout_s
             self.wait_ready(timeout_s)
+            if self.staged:
+                for model in engine_models(self.repo):
+                    self.load(model, deadline - time.monotonic())
         except BaseException:
             self.stop()
             raise
         return self
+
+    def load(self, model: str, timeout_s: float = 300.0) -> None:
+        """Load `model` through the repository API and wait for it (its warm-up included). Engines are loaded
+        this way once the components are ready: Triton refuses BLS while the server itself is not ready,
+        and an engine warms every component over BLS and profiles its cost model before it reports ready."""
+        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/models/{model}/load", data=b"{}",
+                                         method="POST", headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=max(timeout_s, 1.0)):
+                pass
+        except urllib.error.HTTPError as e:
+            body = e.read().decode(errors="replace")
+            raise ServerStartError(f"tritonserver could not load {model}: {body}\n{self.errors()}") from e
+        except OSError as e:
+            raise ServerStartError(f"tritonserver did not answer loading {model}: {e}\n{self.errors()}") from e
 
     def is_ready(self) -> bool:
         try:
@@ -220,6 +249,16 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def repository_models(repo: Path) -> list[str]:
+    return sorted(p.parent.name for p in Path(repo).glob("*/config.pbtxt"))
+
+
+def engine_models(repo: Path) -> list[str]:
+    """Models with Tessera's warm-up sample: the engines (they call the other models over BLS while they
+    warm up)."""
+    return [m for m in repository_models(repo) if WARMUP_SAMPLE in (Path(repo) / m / "config.pbtxt").read_text()]
 
 
 def _die_with_parent() -> None:

@@ -9,14 +9,13 @@ from pathlib import Path
 
 from .errors import ConfigError
 from .inputs import Limits
-
-FAMILIES = ("sd", "sd3")
+from .options import Family
 MANIFEST_VERSION = 2
 
 
 @dataclass(frozen=True, slots=True)
 class PipelineSpec:
-    family: str  # "sd" (UNet, StableDiffusionPipeline) or "sd3" (DiT, StableDiffusion3Pipeline)
+    family: Family
     latent_channels: int
     vae_scale_factor: int  # pixels per latent cell
     scaling_factor: float  # VAE latent scaling
@@ -36,8 +35,7 @@ class PipelineSpec:
     source: dict = field(default_factory=dict)  # provenance: pipeline dir, class, config hashes
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ConfigError(f"family: unknown pipeline family; allowed {', '.join(FAMILIES)}, got {self.family!r}")
+        object.__setattr__(self, "family", Family.parse("family", self.family))
         if len(self.text_encoders) != len(self.tokenizers):
             raise ConfigError(
                 f"tokenizers: one per text encoder; got {len(self.tokenizers)} for {len(self.text_encoders)} encoders"
@@ -50,11 +48,15 @@ class PipelineSpec:
 
     @classmethod
     def load(cls, path: str | Path) -> PipelineSpec:
-        data = json.loads(Path(path).read_text())
+        return cls.from_json(Path(path).read_text(), str(path))
+
+    @classmethod
+    def from_json(cls, text: str, origin: str = "manifest") -> PipelineSpec:
+        data = json.loads(text)
         version = data.pop("manifest_version", None)
         if version != MANIFEST_VERSION:
             raise ConfigError(
-                f"manifest_version: {path} was written by another Tessera; allowed {MANIFEST_VERSION}, got {version}"
+                f"manifest_version: {origin} was written by another Tessera; allowed {MANIFEST_VERSION}, got {version}"
             )
         data["limits"] = Limits.from_dict(data.get("limits", {}))
         data["text_encoders"] = tuple(data["text_encoders"])

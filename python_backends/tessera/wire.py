@@ -39,6 +39,7 @@ ENTRY_INPUTS: tuple[InputSpec, ...] = (
 )
 ENTRY_INPUT_NAMES = tuple(s.name for s in ENTRY_INPUTS)
 STREAM_INPUTS = ("progress", "preview")  # engine only, optional BOOL [batch, 1]
+WARMUP_SAMPLE = "tessera_warmup"  # the engine's model_warmup sample (marks engine models in a repository)
 ENTRY_MAX_BATCH = 4
 
 

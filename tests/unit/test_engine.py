@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tessera.engine import Engine, FinishReason, RequestState
+from tessera.engine import Engine
 from tessera.executors.denoise import ConcatDenoiser, PatchDenoiser, TiledDenoiser, torch_call
-from tessera.request import GenerationParams
+from tessera.plan import EngineView, StepPlan
+from tessera.request import FinishReason, GenerationParams, RequestState
 from tessera.scheduler import ImageFcfsPolicy, StepFcfsPolicy
 
 SIZES3 = [(64, 64), (64, 128), (128, 64)]  # pixels: latents 8x8, 8x16, 16x8
@@ -37,15 +38,14 @@ def params(h, w, steps=4, seed=0, guidance=5.0):
 
 def run_engine(engine: Engine, states: list[tuple[int, RequestState]], max_steps: int = 500) -> dict:
     """Add each state at its engine step number; step until done. Returns {id: final output}."""
-    finals, t = {}, 0.0
+    finals = {}
     pending = sorted(states, key=lambda p: p[0])
     while pending or engine.has_work():
         while pending and pending[0][0] <= engine.step_no:
             engine.add(pending.pop(0)[1])
-        for out in engine.step(t):
+        for out in engine.step():
             if out.final:
                 finals[out.request_id] = out
-        t += 1.0
         assert engine.step_no < max_steps
     return finals
 
@@ -116,14 +116,14 @@ def test_engine_cancel_100_mid_denoise_frees_state_and_keeps_others(stack):
         engine.add(RequestState(f"r{i}", p, 0.0))
     for i in range(100):
         engine.add(RequestState(f"c{i}", params(64, 64, steps=4, seed=100 + i, guidance=1.0), 0.0))
-    engine.step(0.0)
-    engine.step(1.0)  # everyone is mid-way
-    cancelled = [engine.abort(f"c{i}", 2.0) for i in range(100)]
+    engine.step()
+    engine.step()  # everyone is mid-way
+    cancelled = [engine.abort(f"c{i}") for i in range(100)]
     assert all(o.finish_reason == FinishReason.CANCELLED and o.step_index == 2 for o in cancelled)
-    assert engine.abort("c0", 2.0) is None
+    assert engine.abort("c0") is None
     finals = {}
     while engine.has_work():
-        finals.update({o.request_id: o for o in engine.step(3.0) if o.final})
+        finals.update({o.request_id: o for o in engine.step() if o.final})
     assert set(finals) == {"r0", "r1"} and engine.in_flight == 0
     assert not engine.waiting and not engine.running
     for k in ("r0", "r1"):  # batch composition changes float summation order only
@@ -147,7 +147,6 @@ def test_policy_image_fcfs_runs_one_resolution_to_completion():
     a = RequestState("a", params(64, 64), 0.0)
     b = RequestState("b", params(64, 128), 0.0)
     c = RequestState("c", params(64, 64), 0.0)
-    from tessera.engine import EngineView
 
     plan = ImageFcfsPolicy().schedule(EngineView((a, b, c), ()), 0.0)
     assert plan.join == ("a", "c") and plan.advance == ("a", "c")
@@ -164,8 +163,6 @@ class _Plan:
         self.rid, self.at_step, self.total = rid, at_step, total
 
     def schedule(self, view, now_s):
-        from tessera.engine import StepPlan
-
         join = tuple(s.request_id for s in view.waiting)
         advance = tuple(s.request_id for s in view.running) + join
         degrade = ((self.rid, self.total),) if view.step_no == self.at_step else ()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from tessera.patches import PatchIndex, exact_patch_mode, patch_edge
+from tessera.patch_index import PatchIndex, patch_edge
+from tessera.patches import cut_patches, exact_patch_mode, halo, per_patch, stitch_patches
 
 SIZES = [(8, 8), (8, 12), (12, 8), (16, 16)]  # latent cells: 4 resolutions, GCD 4
 
@@ -18,18 +22,18 @@ def test_patch_index_offsets_neighbours_and_roundtrip():
     # image 1 (8x8) is 2x2 patches 0..3: patch 0's right neighbour is 1, its up neighbour the sentinel.
     assert idx.neighbours[0].tolist() == [16, 2, 16, 1, 16, 16, 16, 3]
     images = [torch.randn(3, h, w) for h, w in [(8, 12), (8, 8), (8, 12)]]
-    back = idx.stitch(idx.cut(images))
+    back = stitch_patches(idx, cut_patches(idx, images))
     assert all(torch.equal(a, b) for a, b in zip(images, back, strict=True))
 
 
 def test_patch_halo_matches_padded_whole_image():
     idx = PatchIndex.build([(8, 12)], patch=4)
     img = torch.randn(2, 8, 12)
-    halo = idx.halo(idx.cut([img]))
+    halos = halo(idx, cut_patches(idx, [img]))
     padded = torch.nn.functional.pad(img, (1, 1, 1, 1))
     for p in range(idx.n_patches):
         gy, gx = int(idx.patch_gy[p]), int(idx.patch_gx[p])
-        assert torch.equal(halo[p], padded[:, gy * 4 : gy * 4 + 6, gx * 4 : gx * 4 + 6])
+        assert torch.equal(halos[p], padded[:, gy * 4 : gy * 4 + 6, gx * 4 : gx * 4 + 6])
 
 
 @pytest.mark.parametrize("width", [1, 2, 4])
@@ -37,12 +41,12 @@ def test_patch_halo_of_any_width_matches_padded_whole_image(width):
     """k x k convolutions (the quality reference's 9x9 conv_in) read a k//2-cell halo."""
     idx = PatchIndex.build([(8, 12), (8, 8)], patch=4)
     imgs = [torch.randn(2, 8, 12), torch.randn(2, 8, 8)]
-    halo = idx.halo(idx.cut(imgs), width)
+    halos = halo(idx, cut_patches(idx, imgs), width)
     for p in range(idx.n_patches):
         img = imgs[int(idx.patch_image[p])]
         padded = torch.nn.functional.pad(img, (width,) * 4)
         gy, gx = int(idx.patch_gy[p]), int(idx.patch_gx[p])
-        assert torch.equal(halo[p], padded[:, gy * 4 : gy * 4 + 4 + 2 * width, gx * 4 : gx * 4 + 4 + 2 * width])
+        assert torch.equal(halos[p], padded[:, gy * 4 : gy * 4 + 4 + 2 * width, gx * 4 : gx * 4 + 4 + 2 * width])
 
 
 def test_patch_edge_gcd_and_multiple():
@@ -50,6 +54,12 @@ def test_patch_edge_gcd_and_multiple():
     assert patch_edge([(16, 16)], 2, configured=4) == 4
     with pytest.raises(ValueError, match="patch_size: must be a multiple of 4"):
         patch_edge([(6, 6)], 4)
+
+
+def test_patch_index_imports_without_torch():
+    """The index is part of the pure core: the scheduler/simulator side must not pull torch in."""
+    code = "import sys, tessera.patch_index; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def _whole_and_patched(model, call, sizes, n_ctx_tokens, ctx_dim, pooled_dim=None):
@@ -65,12 +75,12 @@ def _whole_and_patched(model, call, sizes, n_ctx_tokens, ctx_dim, pooled_dim=Non
         ]
         idx = PatchIndex.build(sizes, patch_edge(sizes, 2))
         with exact_patch_mode(model, idx):
-            out = call(idx.cut(lat), idx.per_patch(t), idx.per_patch(ctx),
-                       None if pooled is None else idx.per_patch(pooled))
-        patched = idx.stitch(out)
-        plain = call(idx.cut(lat), idx.per_patch(t), idx.per_patch(ctx),
-                     None if pooled is None else idx.per_patch(pooled))
-    return whole, patched, idx.stitch(plain)
+            out = call(cut_patches(idx, lat), per_patch(idx, t), per_patch(idx, ctx),
+                       None if pooled is None else per_patch(idx, pooled))
+        patched = stitch_patches(idx, out)
+        plain = call(cut_patches(idx, lat), per_patch(idx, t), per_patch(idx, ctx),
+                     None if pooled is None else per_patch(idx, pooled))
+    return whole, patched, stitch_patches(idx, plain)
 
 
 def test_exact_patches_unet_equals_whole_images(tiny_pipelines):

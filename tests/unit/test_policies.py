@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from tessera.engine import EngineView, RequestState
+from tessera.cost import CostModel
+from tessera.plan import EngineView
 from tessera.predictor import BatchShape, LatencyPredictor
-from tessera.request import GenerationParams
-from tessera.scheduler import POLICIES, CostModel, RoundsPolicy, SlackPolicy, make_policy
+from tessera.request import GenerationParams, RequestState
+from tessera.scheduler import POLICIES, RoundsPolicy, SlackPolicy, make_policy
 
 
 @dataclass

@@ -8,7 +8,7 @@ import pytest
 from tessera.bench.simulate import simulate
 from tessera.bench.traces import Trace, TraceRequest
 from tessera.predictor import LatencyPredictor
-from tessera.scheduler import CostModel
+from tessera.cost import CostModel
 
 SLO_MS = {(64, 64): 2000.0}
 
@@ -62,7 +62,8 @@ def test_engine_emits_each_finish_before_the_next_decode():
     """Two requests finish in one step: with `emit`, the first is answered before the second is decoded
     (it used to wait for every decode of the step)."""
     from tessera.bench.simulate import VirtualClock, _SimDenoiser, _SimPipeline
-    from tessera.engine import Engine, RequestState
+    from tessera.engine import Engine
+    from tessera.request import RequestState
     from tessera.request import GenerationParams
     from tessera.scheduler import make_policy
 
@@ -80,7 +81,7 @@ def test_engine_emits_each_finish_before_the_next_decode():
         engine.add(RequestState(f"q{i}", GenerationParams("p", "", 64, 64, 2, 5.0, i, 9000), 0.0))
     outs = []
     while engine.has_work():
-        outs += engine.step(clock.t, clock, emit=lambda o: events.append(("emit", o.request_id)))
+        outs += engine.step(emit=lambda o: events.append(("emit", o.request_id)))
     assert events == [("decode", 0), ("emit", "q0"), ("decode", 1), ("emit", "q1")]
     assert [o.request_id for o in outs] == ["q0", "q1"]  # still returned, in the same order
 
@@ -90,7 +91,7 @@ def test_profile_runs_the_biggest_step_first_untimed_and_fits_the_virtual_costs(
     max_batch requests of the largest size (untimed: the runtime's memory grows before serving), and the
     fitted model reproduces the virtual costs, twins of every size included."""
     from tessera.bench.simulate import VirtualClock, _SimDenoiser, _SimPipeline
-    from tessera.engine import RequestState
+    from tessera.request import RequestState
     from tessera.predictor import BatchShape
     from tessera.profile import profile_costs
     from tessera.request import GenerationParams

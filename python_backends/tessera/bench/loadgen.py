@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import DeadlineUnreachableError, OverloadedError, RefusedError, from_message
 from .traces import Trace
 
 
@@ -20,7 +21,7 @@ class Record:
     width: int
     deadline_ms: float
     latency_ms: float | None = None
-    status: str = "pending"  # ok | dropped (deadline cannot be met) | rejected (overloaded) | error
+    status: str = "pending"  # ok | refused (at admission) | dropped (hopeless later) | rejected (full) | error
     message: str = ""
     steps_run: int | None = None  # the response's `step` output
     image: np.ndarray | None = field(default=None, repr=False)  # kept with replay(keep_images=True)
@@ -30,12 +31,12 @@ class Record:
         return self.status == "ok" and self.latency_ms is not None and self.latency_ms <= self.deadline_ms
 
 
+STATUS = {RefusedError: "refused", DeadlineUnreachableError: "dropped", OverloadedError: "rejected"}
+
+
 def classify(message: str) -> str:
-    if "deadline cannot be met" in message:
-        return "dropped"
-    if "overloaded" in message:
-        return "rejected"
-    return "error"
+    """A failed request's status from the error class its message is tagged with (errors.wire_message)."""
+    return STATUS.get(from_message(message), "error")
 
 
 _ID = re.compile(r"\[request id: (\d+)\]")
@@ -129,6 +130,7 @@ def summarize(records: list[Record], duration_s: float | None = None) -> dict:
         "requests": n,
         "completed": int(sum(r.status == "ok" for r in records)),
         "dropped": int(sum(r.status == "dropped" for r in records)),
+        "refused": int(sum(r.status == "refused" for r in records)),
         "rejected": int(sum(r.status == "rejected" for r in records)),
         "failed": int(sum(r.status in ("error", "pending") for r in records)),
         "slo_attainment": sum(r.met for r in records) / n if n else None,

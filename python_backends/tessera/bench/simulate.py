@@ -8,12 +8,13 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
-from ..engine import Engine, FinishReason, RequestState
-from ..executors.denoise import CallStats
-from ..request import GenerationParams
-from ..scheduler import CostModel, make_policy
+from ..cost import CostModel
+from ..engine import Engine
+from ..interfaces import CallStats
+from ..request import FinishReason, GenerationParams, RequestState
+from ..scheduler import make_policy
 from .traces import Trace
 
 
@@ -29,6 +30,8 @@ class VirtualClock:
 class _SimRun:
     params: GenerationParams
     step_index: int = 0
+    entropies: list[float] = field(default_factory=list)
+    jump_last: bool = False
 
     @property
     def steps_left(self) -> int:
@@ -37,10 +40,6 @@ class _SimRun:
     @property
     def done(self) -> bool:
         return self.step_index >= self.params.num_steps
-
-    @property
-    def timesteps(self):
-        return range(self.params.num_steps)
 
 
 class _SimPipeline:
@@ -64,6 +63,9 @@ class _SimPipeline:
         self.clock.t += self.cost.finish_s(RequestState("x", run.params, 0.0))
         return None
 
+    def preview(self, run):
+        return None
+
 
 class _SimDenoiser:
     def __init__(self, clock: VirtualClock, cost: CostModel):
@@ -77,16 +79,21 @@ class _SimDenoiser:
 
 
 class _Timed:
-    """A policy whose schedule() wall time is added to a virtual clock."""
+    """A policy whose schedule() wall time is added to a virtual clock (refusals run on the submitting
+    thread when served, not on the loop: not charged)."""
 
     def __init__(self, policy, clock: VirtualClock):
         self.policy, self.clock = policy, clock
+        self.name = policy.name
 
     def schedule(self, view, now_s):
         t0 = time.perf_counter()
         plan = self.policy.schedule(view, now_s)
         self.clock.t += time.perf_counter() - t0
         return plan
+
+    def refuse(self, view, state, now_s):
+        return self.policy.refuse(view, state, now_s)
 
 
 @dataclass
@@ -96,7 +103,7 @@ class SimResult:
     width: int
     deadline_ms: float
     latency_ms: float | None
-    status: str  # ok | dropped
+    status: str  # ok | dropped (hopeless) | refused (early refusal at arrival)
     steps_run: int | None = None
 
     @property
@@ -106,11 +113,14 @@ class SimResult:
 
 def simulate(trace: Trace, policy: str, cost: CostModel, slo_ms: dict, instances: int = 1, max_batch: int = 16,
              on_hopeless: str = "drop", round_steps: int = 5, guidance: float = 5.0, margin: float = 0.1,
-             charge_policy: bool = True, gap_s: float | None = None, min_steps: int = 4) -> list[SimResult]:
+             charge_policy: bool = True, gap_s: float | None = None, min_steps: int = 4,
+             early_refusal: bool = False) -> list[SimResult]:
     """charge_policy: the policy's own compute time (measured on this host while simulating) advances the
     virtual clock, as it holds the real engine loop (slack's schedulability tests grow with the queue).
     gap_s: the loop's time between engine steps (responses, admissions), as the served engine measured it
-    (tessera_step_gap_seconds_total over tessera_step_gaps_total; default: the cost model's); the virtual loop spends it after every busy step."""
+    (tessera_step_gap_seconds_total over tessera_step_gaps_total; default: the cost model's); the virtual loop spends it after every busy step.
+    early_refusal: each arrival is first tested by the policy's refuse() against its instance's plan, as the
+    served engine model does at admission."""
     gap_s = cost.gap_s if gap_s is None else gap_s
     clocks = [VirtualClock() for _ in range(instances)]
     engines = []
@@ -141,12 +151,17 @@ def simulate(trace: Trace, policy: str, cost: CostModel, slo_ms: dict, instances
             target = min(range(instances), key=lambda i: (
                 sum(cost.alone_s(s) for s in (*engines[i].waiting.values(), *engines[i].running.values())), i))
             clocks[target].t = max(clocks[target].t, r.t)
-            engines[target].add(state)
+            engine = engines[target]
+            engine.admit(state)
+            if early_refusal and engine.policy.refuse(engine.view(), state, r.t) is not None:
+                results[state.request_id] = SimResult(r.t, r.height, r.width, slo, None, "refused")
+                continue
+            engine.add(state, admitted=True)
             results[state.request_id] = SimResult(r.t, r.height, r.width, slo, None, "pending")
             continue
         _, i = min(busy)
         before = clocks[i].t
-        outs = engines[i].step(clocks[i].t, clocks[i])
+        outs = engines[i].step()
         if engines[i].has_work():
             clocks[i].t += gap_s
         for o in outs:

@@ -13,26 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
-Inputs = dict[str, np.ndarray]
+from ..interfaces import CallStats, Inputs
+from ..options import Family
+
 DenoiseCall = Callable[[Inputs], np.ndarray]
-MODES = ("concat", "patches", "tiled")
-
-
-@dataclass(frozen=True, slots=True)
-class CallStats:
-    """One entry per denoiser call made for a step."""
-
-    batch: tuple[int, ...]  # rows per call (patches, tiles or whole latents)
-    resolutions: tuple[int, ...]  # distinct latent resolutions per call
-    requests: tuple[int, ...]  # requests per call
-
-    @property
-    def calls(self) -> int:
-        return len(self.batch)
 
 
 def _concat(items: list[Inputs]) -> Inputs:
@@ -73,7 +60,7 @@ class ConcatDenoiser:
         return outs, CallStats(tuple(batch), (1,) * len(batch), tuple(reqs))  # type: ignore[return-value]
 
 
-def torch_call(model, family: str) -> DenoiseCall:
+def torch_call(model, family: Family) -> DenoiseCall:
     """A numpy-in, numpy-out call of a diffusers denoiser (UNet2DConditionModel or SD3Transformer2DModel)."""
     import torch
 
@@ -85,8 +72,8 @@ def torch_call(model, family: str) -> DenoiseCall:
     return call
 
 
-def torch_forward(model, family: str, t: dict):
-    if family == "sd":
+def torch_forward(model, family: Family, t: dict):
+    if family is Family.SD:
         return model(t["sample"], t["timestep"], encoder_hidden_states=t["encoder_hidden_states"], return_dict=False)[0]
     return model(
         hidden_states=t["sample"], timestep=t["timestep"], encoder_hidden_states=t["encoder_hidden_states"],
@@ -99,13 +86,14 @@ class PatchDenoiser:
 
     mode = "patches"
 
-    def __init__(self, model, family: str, multiple: int, patch_size: int = 0):
+    def __init__(self, model, family: Family, multiple: int, patch_size: int = 0):
         self.model, self.family, self.multiple, self.patch_size = model, family, multiple, patch_size
 
     def run(self, items: list[Inputs]) -> tuple[list[np.ndarray], CallStats]:
         import torch
 
-        from ..patches import PatchIndex, exact_patch_mode, patch_edge
+        from ..patch_index import PatchIndex, patch_edge
+        from ..patches import cut_patches, exact_patch_mode, per_patch, stitch_patches
 
         images = [torch.from_numpy(np.ascontiguousarray(row)) for it in items for row in it["sample"]]
         per_image = {
@@ -113,11 +101,11 @@ class PatchDenoiser:
         }
         sizes = [tuple(img.shape[-2:]) for img in images]
         index = PatchIndex.build(sizes, patch_edge(sizes, self.multiple, self.patch_size))
-        inputs = {k: index.per_patch(v) for k, v in per_image.items()}
-        inputs["sample"] = index.cut(images)
+        inputs = {k: per_patch(index, v) for k, v in per_image.items()}
+        inputs["sample"] = cut_patches(index, images)
         with torch.no_grad(), exact_patch_mode(self.model, index):
             out = torch_forward(self.model, self.family, inputs)
-        stitched = index.stitch(out)
+        stitched = stitch_patches(index, out)
         outs, start = [], 0
         for it in items:  # the images of one item (its CFG halves) share a size
             n = it["sample"].shape[0]

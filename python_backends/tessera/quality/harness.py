@@ -81,9 +81,12 @@ def serve_reference(models_dir: Path, work: Path, settings, log_path: Path | Non
     """Export heavy/light into one repository with an engine per distinct engine setting."""
     from tessera_export.repository import add_engine, export_pipeline
 
+    from ..config import EngineConfig
+
     repo = work / "repo"
+    offline = EngineConfig(executor="local", policy="step-fcfs")  # an evaluation: every image, no deadlines
     for kind in sorted({s.pipeline for s in settings}):
-        export_pipeline(models_dir / kind, repo, prefix=f"{kind}_", executor="local", progress=lambda *_: None)
+        export_pipeline(models_dir / kind, repo, prefix=f"{kind}_", engine_config=offline, progress=lambda *_: None)
     engines = {}
     for s in settings:
         key = (s.pipeline, json.dumps(s.engine, sort_keys=True))

@@ -13,7 +13,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..executors.ort import OrtModel
-from .common import error_response, input_or_none, int_param, parameters, setup_logging
+from .common import input_or_none, int_param, parameters, setup_logging
+from .errors import error_response
 
 log = logging.getLogger("tessera.triton.ort_model")
 

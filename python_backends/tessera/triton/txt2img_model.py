@@ -4,7 +4,7 @@ It validates each request (the same parse_request as the engine: bad input is an
 INVALID_ARG), forwards it unchanged to the decoupled `engine` model over BLS and relays the engine's
 final response through the request's response sender. `execute` returns at once, so many requests are
 in flight together. BLS in 2.51 does not carry a decoupled response's error code, so engine errors
-are mapped back to their codes by their stable message prefixes (common.code_for_engine_error).
+get their codes back from the error class tag in their message (triton/errors.relayed_error).
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from pathlib import Path
 from ..inputs import parse_request
 from ..spec import PipelineSpec
 from ..wire import ENTRY_INPUT_NAMES, OUTPUT_IMAGE, OUTPUT_STEPS
-from .common import code_for_engine_error, error_response, input_or_none, int_param, parameters, setup_logging
+from ..errors import OverloadedError
+from .common import input_or_none, int_param, parameters, setup_logging
+from .errors import error_response, relayed_error
 
 log = logging.getLogger("tessera.triton.txt2img")
 
@@ -58,9 +60,9 @@ class TritonPythonModel:
                 full = self.in_flight >= self.max_in_flight
                 self.in_flight += 0 if full else 1
             if full:  # overload: answered at once, never queued to time out late
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                    f"engine: overloaded; allowed at most {self.max_in_flight} requests in flight, got one more",
-                    pb_utils.TritonError.UNAVAILABLE)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                sender.send(error_response(OverloadedError(
+                    f"engine: overloaded; allowed at most {self.max_in_flight} requests in flight, got one more")),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
             # Copy the inputs now: the request object is not used after execute returns.
             inputs = [pb_utils.Tensor(t.name(), np.array(t.as_numpy(), copy=True)) for t in request.inputs()]
@@ -76,8 +78,7 @@ class TritonPythonModel:
             answer = None
             for response in bls.exec(decoupled=True):
                 if response.has_error():
-                    message = response.error().message()
-                    answer = pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code_for_engine_error(message)))
+                    answer = pb_utils.InferenceResponse(error=relayed_error(response.error().message()))
                     break
                 image = pb_utils.get_output_tensor_by_name(response, OUTPUT_IMAGE)
                 if image is not None:
@@ -89,7 +90,7 @@ class TritonPythonModel:
                 )
         except Exception as e:  # noqa: BLE001 - every request gets its one response
             log.exception("[tessera] %s: forwarding failed", self.name)
-            answer = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INTERNAL))
+            answer = error_response(e)
         with self.lock:
             self.in_flight -= 1
         sender.send(answer, flags=final)

@@ -1,0 +1,71 @@
+"""Every operator-facing choice as an enum, parsed once when the config loads (`Option.parse` names the
+setting and lists the allowed values); the code compares members, never free strings."""
+
+from __future__ import annotations
+
+import enum
+
+from .errors import ConfigError
+
+
+class Option(str, enum.Enum):
+    @classmethod
+    def parse(cls, setting: str, value: object) -> Option:
+        """`value` as a member of this option; ConfigError naming `setting` and the allowed values."""
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            allowed = ", ".join(m.value for m in cls)
+            raise ConfigError(f"{setting}: unknown value; allowed {allowed}, got {value!r}") from None
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class PolicyName(Option):
+    IMAGE_FCFS = "image-fcfs"
+    STEP_FCFS = "step-fcfs"
+    SLACK = "slack"
+    ROUNDS = "rounds"
+
+
+class OnHopeless(Option):
+    DROP = "drop"  # answered UNAVAILABLE at once
+    DEGRADE = "degrade"  # fewer steps (never below min_steps), ending with one last step to t = 0
+
+
+class LastStep(Option):
+    X0 = "x0"  # decode the predicted clean latent of the step just taken
+    JUMP = "jump"  # one more denoiser call whose update goes straight to t = 0
+    NONE = "none"  # decode the noisy latent (ablation)
+
+
+class Switch(Option):
+    OFF = "off"
+    ON = "on"
+
+    def __bool__(self) -> bool:
+        return self is Switch.ON
+
+
+class Executor(Option):
+    BLS = "bls"  # components are their own Triton models, called over BLS
+    LOCAL = "local"  # components run in the engine's own stub (ONNX Runtime)
+
+
+class Runtime(Option):
+    ORT = "ort"
+    TORCH = "torch"
+
+
+class DenoiseMode(Option):
+    CONCAT = "concat"  # one call per latent resolution
+    PATCHES = "patches"  # one exact call for every resolution (torch)
+    TILED = "tiled"  # fixed-size tiles, blended (approximate)
+
+
+class Family(Option):
+    SD = "sd"  # UNet2DConditionModel, StableDiffusionPipeline
+    SD3 = "sd3"  # SD3Transformer2DModel, StableDiffusion3Pipeline without T5
