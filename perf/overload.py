@@ -1,9 +1,10 @@
-"""Overload: 3x capacity for 60 s against one engine with bounded admission. Every request must get a
-response (an image, a "deadline cannot be met" drop, or an "overloaded" rejection); rejections must come
-within 100 ms of arrival; the server must be ready afterwards. Both clients are measured: gRPC streaming
-to the decoupled engine, and unary calls to the txt2img facade (its own in-flight bound).
+"""Overload: 3x capacity for 60 s against one engine (policy rounds, the default admission bound), early
+refusal on vs off on the same trace. Every request must get a response (an image, a refusal at admission,
+a later "deadline cannot be met" drop, or an "overloaded" rejection); with early refusal, refusals must
+come within 100 ms of arrival; the server must be ready afterwards. Both clients are measured: gRPC
+streaming to the decoupled engine, and unary calls to the txt2img facade.
 
-Writes perf/results/overload.json. Run: python -m perf.overload
+Writes perf/results/overload.json (+ .png). Run: python -m perf.overload
 """
 
 from __future__ import annotations
@@ -12,18 +13,31 @@ import argparse
 
 import numpy as np
 
-from perf.common import tiny_unet_repo, write_result
+from perf.common import RESULTS, tiny_unet_repo, write_result
 from perf.slo import SIZES, isolated_ms
+
+SETTINGS = {"early-refusal": "on", "late-refusal": "off"}  # engine setting early_refusal
+NO = ("refused", "dropped", "rejected")  # the UNAVAILABLE answers
+
+
+def _latencies(recs, status: str) -> list[float]:
+    return [r.latency_ms for r in recs if r.status == status]
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--duration", type=float, default=60.0)
-    ap.add_argument("--load", type=float, default=3.0)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds of offered load per run")
+    ap.add_argument("--load", type=float, default=3.0, help="offered load, x capacity")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--policy", default="slack")
-    ap.add_argument("--max-in-flight", type=int, default=8)
+    ap.add_argument("--policy", default="rounds", choices=("slack", "rounds"))
+    ap.add_argument("--max-in-flight", type=int, default=256, help="admission bound")
     ap.add_argument("--seed", type=int, default=99)
+    ap.add_argument("--name", default="overload", help="result file name")
     args = ap.parse_args(argv)
 
     from tessera.bench.loadgen import replay, summarize
@@ -34,35 +48,72 @@ def main(argv: list[str] | None = None) -> int:
     work, _, repo = tiny_unet_repo("overload")
     engine = dict(executor="local", policy=args.policy, max_batch=16, max_in_flight=args.max_in_flight,
                   profile_sizes=",".join(f"{h}x{w}" for h, w in SIZES))
-    add_engine(repo, "engine", "engine_bounded", entry="txt2img_bounded", **engine)
-    out = {}
+    for name, switch in SETTINGS.items():
+        add_engine(repo, "engine", f"engine_{name}", entry=f"txt2img_{name}", early_refusal=switch, **engine)
+    out: dict[str, dict] = {}
     with TritonServer(repo, log_path=work / "server.log") as server:
-        iso = isolated_ms(server, "txt2img_bounded", args.steps, 2)
+        iso = isolated_ms(server, "txt2img_late-refusal", args.steps, 2)
         slo = {k: 5.0 * v for k, v in iso.items()}
         capacity = 1000.0 / float(np.mean(list(iso.values())))
-        for client, model, stream in (("grpc-stream", "engine_bounded", True), ("grpc-unary", "txt2img_bounded", False)):
-            tr = poisson(args.load * capacity, args.duration, SIZES, (1, 1, 1), args.steps, args.seed)
-            recs = replay(server.grpc_url, model, tr, slo, drain_s=300, stream=stream)
-            rejected = [r.latency_ms for r in recs if r.status == "rejected"]
-            row = summarize(recs, args.duration)
-            row.pop("raw", None)
-            row |= {"model": model, "answered": sum(r.status != "pending" for r in recs),
-                    "rejection_latency_ms_max": max(rejected) if rejected else None,
-                    "rejection_latency_ms_p99": float(np.percentile(rejected, 99)) if rejected else None,
-                    "rejections_within_100ms": sum(x <= 100.0 for x in rejected),
-                    "server_ready_after": server.is_ready(),
-                    "errors": sorted({r.message[:120] for r in recs if r.status == "error"})[:5]}
-            out[client] = row
-            print(f"[tessera] overload {client}: {row['requests']} sent, {row['answered']} answered, "
-                  f"{len(rejected)} rejected (max {row['rejection_latency_ms_max']} ms), dropped {row['dropped']}, "
-                  f"failed {row['failed']}, ready after: {row['server_ready_after']}", flush=True)
-    verdict = all(r["answered"] == r["requests"] and r["failed"] == 0 and r["server_ready_after"]
-                  and (r["rejection_latency_ms_max"] or 0) <= 100.0 and r["rejected"] > 0 for r in out.values())
-    config = vars(args) | {"sizes": SIZES, "engine": engine, "isolated_ms": {f"{h}x{w}": v for (h, w), v in iso.items()},
-                           "capacity_rps": capacity, "model": "tiny UNet"}
-    path = write_result("overload", config, {"clients": out, "all_answered_rejections_within_100ms": verdict})
-    print(f"[tessera] overload: wrote {path}; verdict {verdict}")
+        tr = poisson(args.load * capacity, args.duration, SIZES, (1, 1, 1), args.steps, args.seed)
+        for name in SETTINGS:
+            for client, model, stream in (("grpc-stream", f"engine_{name}", True), ("grpc-unary", f"txt2img_{name}", False)):
+                recs = replay(server.grpc_url, model, tr, slo, drain_s=300, stream=stream)
+                row = summarize(recs, args.duration)
+                raw = row.pop("raw")
+                no = [x for s in NO for x in _latencies(recs, s)]
+                row |= {"model": model, "answered": sum(r.status != "pending" for r in recs),
+                        "server_ready_after": server.is_ready(),
+                        "no_answers": len(no), "no_within_100ms": sum(x <= 100.0 for x in no),
+                        "no_latency_ms_p50": _pct(no, 50), "no_latency_ms_max": max(no) if no else None,
+                        "errors": sorted({r.message[:120] for r in recs if r.status == "error"})[:5],
+                        "raw": raw}
+                for s in NO:
+                    lat = _latencies(recs, s)
+                    row[f"{s}_latency_ms_p50"], row[f"{s}_latency_ms_max"] = _pct(lat, 50), max(lat) if lat else None
+                out.setdefault(name, {})[client] = row
+                print(f"[tessera] overload {name} {client}: {row['requests']} sent, {row['answered']} answered, "
+                      f"SAR {row['slo_attainment']:.3f}, refused {row['refused']} (max {row['refused_latency_ms_max']} ms), "
+                      f"dropped {row['dropped']} (max {row['dropped_latency_ms_max']} ms), rejected {row['rejected']}, "
+                      f"failed {row['failed']}, ready after: {row['server_ready_after']}", flush=True)
+    rows = [r for setting in out.values() for r in setting.values()]
+    early = out["early-refusal"].values()
+    verdict = (all(r["answered"] == r["requests"] and r["failed"] == 0 and r["server_ready_after"] for r in rows)
+               and all((r["refused_latency_ms_max"] or 0.0) <= 100.0 for r in early))
+    ratios = {c: out["early-refusal"][c]["slo_attainment"] / max(out["late-refusal"][c]["slo_attainment"], 1e-9)
+              for c in out["early-refusal"]}
+    config = vars(args) | {"sizes": SIZES, "engine": engine, "settings": SETTINGS, "capacity_rps": capacity,
+                           "isolated_ms": {f"{h}x{w}": v for (h, w), v in iso.items()}, "model": "tiny UNet",
+                           "baseline": "late-refusal (early_refusal=off), same trace, same server"}
+    path = write_result(args.name, config, {"settings": out, "sar_ratio_early_vs_late": ratios,
+                                            "all_answered_refusals_within_100ms": verdict})
+    _plot(out, RESULTS / f"{args.name}.png")
+    print(f"[tessera] overload: wrote {path}; SAR ratio early/late {ratios}; verdict {verdict}")
     return 0 if verdict else 1
+
+
+def _plot(out: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(out), figsize=(6 * len(out), 4), sharey=True)
+    for ax, (name, clients) in zip(np.atleast_1d(axes), out.items(), strict=True):
+        raw = clients["grpc-stream"]["raw"]
+        for status, colour in (("ok", "tab:green"), ("refused", "tab:orange"), ("dropped", "tab:red"),
+                               ("rejected", "tab:purple")):
+            pts = [(a, lat) for a, lat, s in zip(raw["arrival_s"], raw["latency_ms"], raw["status"], strict=True)
+                   if s == status and lat is not None]
+            if pts:
+                ax.scatter(*zip(*pts), s=6, c=colour, label=f"{status} ({len(pts)})")
+        ax.set_yscale("log")
+        ax.set_title(f"{name}: SAR {clients['grpc-stream']['slo_attainment']:.2f} (stream)")
+        ax.set_xlabel("arrival (s)")
+        ax.legend(fontsize=7)
+    np.atleast_1d(axes)[0].set_ylabel("answer latency (ms)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,11 @@ def repo(work_dir, tiny_pipelines) -> Path:
     add_engine(path, "engine", "engine_patches", entry="txt2img_patches", denoiser_runtime="torch",
                denoise_mode="patches")
     add_engine(path, "engine", "engine_wide", max_batch=128)  # room for 100+ requests in one step
+    add_engine(path, "engine", "engine_faults", entry="txt2img_faults", fault_injection="on")  # test_faults.py
+    for policy, extra in (("image-fcfs", {}), ("step-fcfs", {}), ("slack", {}), ("rounds", {}),
+                          ("rounds", {"on_hopeless": "degrade"})):  # cold start under every policy
+        name = "cold_" + policy.replace("-", "_") + ("_degrade" if extra else "")
+        add_engine(path, "engine", name, policy=policy, **extra)
     reference = Path(__file__).resolve().parents[1] / "quality_models" / "heavy"
     if reference.is_dir():  # the committed quality reference (tests/integration/test_quality_smoke.py)
         export_pipeline(reference, path, prefix="ref_", engine_config=EngineConfig(executor="local", policy="step-fcfs"),

@@ -160,20 +160,20 @@ class Engine:
 
     def _join(self, join: tuple[str, ...], now_s: float, put: Emit) -> None:
         """(2) Encode prompts and draw seeded noise; a request that fails to start fails alone."""
-        for rid in join:
-            state = self.waiting.pop(rid)
+        for rid in join:  # a request stays in `waiting` or `running` until answered: never lost
+            state = self.waiting[rid]
             if self.cost is not None and state.isolated_s > 0:
                 state.slack_at_join = (state.deadline_s - now_s - self.cost.alone_s(state)) / state.isolated_s
             t0 = self.clock()
             try:
                 state.run = self.pipeline.start(state.params)
             except Exception as e:  # noqa: BLE001
-                put(self._fail(state, "prompt encoding", e))
+                put(self._fail(self.waiting.pop(rid), "prompt encoding", e))
                 continue
             if self.cost is not None:
                 self.cost.observe_start(self.clock() - t0)
             state.joined_s = now_s
-            self.running[rid] = state
+            self.running[rid] = self.waiting.pop(rid)
 
     def _advance(self, batch: list[RequestState], now_s: float, put: Emit) -> None:
         before = tuple(s.step_index for s in batch)
@@ -210,12 +210,12 @@ class Engine:
     def _finish(self, s: RequestState) -> RequestOutput:
         """Decode a finished request; its answer is the caller's next emit (a finish holds the loop for its
         decode and its answer: the cost model learns both)."""
-        self.running.pop(s.request_id)
         t0 = self.clock()
         try:
             image = self.pipeline.finish(s.run)
         except Exception as e:  # noqa: BLE001
-            return self._fail(s, "decode", e)
+            return self._fail(self.running.pop(s.request_id), "decode", e)
+        self.running.pop(s.request_id)
         s.done_s = self.clock()
         if self.cost is not None:
             self.cost.observe_finishes([(self.cost.cells(s), self.clock() - t0)])

@@ -45,34 +45,39 @@ class FanIn:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._tickets: dict[int, _Ticket] = {}
-        self._items: dict[str, tuple[int, int]] = {}  # engine request id -> (ticket, item index)
+        self._items: dict[str, tuple[int, int]] = {}  # engine request id -> (ticket, item index), until final
         self._keys = itertools.count()
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._tickets)
 
-    def open(self, size: int, context: Any, progress: bool = False) -> tuple[str, ...]:
-        """A new Triton request of `size` items: the engine request ids to submit, in item order."""
+    def open(self, size: int, context: Any, progress: bool = False) -> tuple[int, tuple[str, ...]]:
+        """A new Triton request of `size` items: its key and the engine request ids to submit, in item order."""
         with self._lock:
             key = next(self._keys)
             self._tickets[key] = _Ticket(size, context, progress and size == 1)
             ids = tuple(f"r{key}/{k}" for k in range(size))
             self._items.update({rid: (key, k) for k, rid in enumerate(ids)})
-        return ids
+        return key, ids
 
-    def refused(self, ids: tuple[str, ...], submitted: int) -> tuple[str, ...]:
-        """Submitting item `submitted` was refused: the request's one FINAL response is that refusal (sent by
-        the caller). Returns the ids already submitted, to cancel; their outputs will be absorbed."""
+    def refused(self, key: int, ids: tuple[str, ...], submitted: int) -> tuple[tuple[str, ...], bool]:
+        """Submitting item `submitted` of request `key` was refused. Returns (ids already submitted and still
+        in flight, to cancel: their outputs will be absorbed; whether the caller sends the refusal as the
+        request's one FINAL response: not if an earlier item's error already answered it)."""
         with self._lock:
-            key = self._items[ids[0]][0]
-            ticket = self._tickets[key]
-            ticket.failed, ticket.size = True, submitted
+            ticket = self._tickets.get(key)
             for rid in ids[submitted:]:
                 self._items.pop(rid, None)
-            if submitted == 0:
+            if ticket is None:
+                return (), False
+            answer = not ticket.failed
+            ticket.failed = True
+            ticket.size = submitted  # only the submitted items' finals can still come back
+            live = tuple(rid for rid in ids[:submitted] if rid in self._items)
+            if ticket.finals >= ticket.size:
                 del self._tickets[key]
-        return ids[:submitted]
+        return live, answer
 
     def context(self, request_id: str) -> Any | None:
         """The adapter's handle for a live item (None once its request has failed or ended)."""

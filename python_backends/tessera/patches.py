@@ -28,19 +28,20 @@ from .patch_index import PatchIndex
 
 
 # -- the index as tensors ----------------------------------------------------------------------------------
-def _tensor(index: PatchIndex, name: str) -> torch.Tensor:
-    """The index's int64 array `name` (patch_image, neighbours, ...) as a tensor, converted once per index."""
-    return index.memo(("torch", name), lambda: torch.from_numpy(getattr(index, name)))
+def _tensor(index: PatchIndex, name: str, device: torch.device) -> torch.Tensor:
+    """The index's int64 array `name` (patch_image, neighbours, ...) as a tensor on `device` (the
+    activations'), converted once per index and device."""
+    return index.memo(("torch", name, device), lambda: torch.from_numpy(getattr(index, name)).to(device))
 
 
-def _gather_tensor(index: PatchIndex, group: int, edge: int) -> torch.Tensor:
-    return index.memo(
-        ("torch gather", group, edge), lambda: torch.from_numpy(index.gather_index(group, edge))
-    )
+def _gather_tensor(index: PatchIndex, group: int, edge: int, device: torch.device) -> torch.Tensor:
+    return index.memo(("torch gather", group, edge, device),
+                      lambda: torch.from_numpy(index.gather_index(group, edge)).to(device))
 
 
-def _first_patches_tensor(index: PatchIndex, group: int) -> torch.Tensor:
-    return index.memo(("torch first", group), lambda: torch.from_numpy(index.first_patch_of_images(group)))
+def _first_patches_tensor(index: PatchIndex, group: int, device: torch.device) -> torch.Tensor:
+    return index.memo(("torch first", group, device),
+                      lambda: torch.from_numpy(index.first_patch_of_images(group)).to(device))
 
 
 # -- images <-> patches ------------------------------------------------------------------------------------
@@ -73,7 +74,7 @@ def stitch_patches(index: PatchIndex, patches: torch.Tensor) -> list[torch.Tenso
 
 def per_patch(index: PatchIndex, per_image: torch.Tensor) -> torch.Tensor:
     """Broadcast a per-image tensor [n_images, ...] to patches [N, ...]."""
-    return per_image[_tensor(index, "patch_image")]
+    return per_image[_tensor(index, "patch_image", per_image.device)]
 
 
 # -- exact ops ---------------------------------------------------------------------------------------------
@@ -81,7 +82,7 @@ def halo(index: PatchIndex, x: torch.Tensor, width: int = 1) -> torch.Tensor:
     """[N, C, q, q] -> [N, C, q+2w, q+2w] with neighbours' edges (zeros at image borders)."""
     w = width
     ext = torch.cat([x, x.new_zeros((1, *x.shape[1:]))])  # sentinel patch
-    nb = _tensor(index, "neighbours")
+    nb = _tensor(index, "neighbours", x.device)
     up, down, left, right = ext[nb[:, 0]], ext[nb[:, 1]], ext[nb[:, 2]], ext[nb[:, 3]]
     ul, ur, dl, dr = ext[nb[:, 4]], ext[nb[:, 5]], ext[nb[:, 6]], ext[nb[:, 7]]
     top = torch.cat([ul[..., -w:, -w:], up[..., -w:, :], ur[..., -w:, :w]], dim=-1)
@@ -93,22 +94,22 @@ def halo(index: PatchIndex, x: torch.Tensor, width: int = 1) -> torch.Tensor:
 def group_norm(index: PatchIndex, gn: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     n, c = x.shape[:2]
     g = gn.num_groups
-    patch_image = _tensor(index, "patch_image")
-    xg = x.reshape(n, g, -1)
-    count = torch.zeros(index.n_images, dtype=x.dtype).index_add_(
-        0, patch_image, torch.full((n,), float(xg.shape[-1]), dtype=x.dtype)
+    patch_image = _tensor(index, "patch_image", x.device)
+    acc = torch.promote_types(x.dtype, torch.float32)  # fp16 statistics in fp32, as nn.GroupNorm has them
+    xg = x.reshape(n, g, -1).to(acc)
+    count = torch.zeros(index.n_images, dtype=acc, device=x.device).index_add_(
+        0, patch_image, torch.full((n,), float(xg.shape[-1]), dtype=acc, device=x.device)
     )[:, None]
-    mean = torch.zeros(index.n_images, g, dtype=x.dtype).index_add_(0, patch_image, xg.sum(-1)) / count
+    per_image = lambda: torch.zeros(index.n_images, g, dtype=acc, device=x.device)  # noqa: E731
+    mean = per_image().index_add_(0, patch_image, xg.sum(-1)) / count
     centred = xg - mean[patch_image][..., None]
-    var = torch.zeros(index.n_images, g, dtype=x.dtype).index_add_(
-        0, patch_image, centred.pow(2).sum(-1)
-    ) / count
+    var = per_image().index_add_(0, patch_image, centred.pow(2).sum(-1)) / count
     y = centred / torch.sqrt(var[patch_image][..., None] + gn.eps)
     y = y.reshape_as(x)
     if gn.affine:
         shape = (1, c) + (1,) * (x.dim() - 2)
         y = y * gn.weight.reshape(shape) + gn.bias.reshape(shape)
-    return y
+    return y.to(x.dtype)
 
 
 def whole_images(index: PatchIndex, tokens: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -117,7 +118,7 @@ def whole_images(index: PatchIndex, tokens: torch.Tensor) -> Iterator[tuple[int,
     edge = math.isqrt(t)
     flat = tokens.reshape(n * t, c)
     for gi in range(len(index.groups)):
-        idx = _gather_tensor(index, gi, edge)
+        idx = _gather_tensor(index, gi, edge, tokens.device)
         yield gi, idx, flat[idx.reshape(-1)].reshape(idx.shape[0], idx.shape[1], c)
 
 
@@ -152,7 +153,7 @@ class _PatchJointAttn:
         flat = out.view(-1, out.shape[-1])
         ctx_out = None
         for gi, idx, whole in whole_images(self.index, hidden_states):
-            first = _first_patches_tensor(self.index, gi)
+            first = _first_patches_tensor(self.index, gi, encoder_hidden_states.device)
             ctx = encoder_hidden_states[first]  # every patch carries its image's context: take one copy
             res = self.inner(attn, whole, ctx, attention_mask)
             img_out, c_out = res if isinstance(res, tuple) else (res, None)
@@ -221,6 +222,6 @@ def _patch_pos_embed(m, latent: torch.Tensor, index: PatchIndex) -> torch.Tensor
     flat = pos.view(-1, pos.shape[-1])
     for gi, g in enumerate(index.groups):
         full = m.cropped_pos_embed(g.height, g.width)[0]  # [H_tok * W_tok, D]
-        idx = _gather_tensor(index, gi, edge)  # [B, L]
+        idx = _gather_tensor(index, gi, edge, x.device)  # [B, L]
         flat[idx.reshape(-1)] = full.repeat(idx.shape[0], 1)
     return (x + pos).to(x.dtype)

@@ -79,13 +79,15 @@ class _DeadlinePolicy(Policy):
         self.margin = margin  # planned time still to run is stretched by this fraction (jitter)
 
     def refuse(self, view: EngineView, state: RequestState, now_s: float) -> str | None:
-        """Refused when the newcomer is hopeless even alone, or when the serial EDF plan of everyone in
-        flight plus the newcomer sets the newcomer aside (it would wait until hopeless: answer now)."""
+        """Refused when the newcomer is hopeless even alone, or when the serial EDF plan of everyone in flight
+        plus the newcomer (Moore-Hodgson, as `admit`) sets the newcomer aside: it would wait until hopeless.
+        Answer now instead. (Refusing also newcomers that would push an accepted request out of the plan was
+        measured worse: FCFS admission loses Moore-Hodgson's preference for short requests; docs.)"""
         waiting, running, _, _ = self.triage(EngineView(view.waiting + (state,), view.running), now_s)
         if state.request_id not in {s.request_id for s in waiting}:
             return self._reason(state, now_s)
-        committed, _ = self.admit(sorted(running + waiting, key=lambda s: s.deadline_s), now_s)
-        if state.request_id in {s.request_id for s in committed}:
+        kept, _ = self.admit(sorted(running + waiting, key=lambda s: s.deadline_s), now_s)
+        if state.request_id in {s.request_id for s in kept}:
             return None
         return (f"deadline cannot be met: the current plan ({len(running) + len(waiting) - 1} requests in flight) "
                 f"cannot fit it by its deadline {(state.deadline_s - state.arrival_s) * 1e3:.0f} ms after arrival")
@@ -154,7 +156,7 @@ class _DeadlinePolicy(Policy):
             t += alone[-1]
             if _fits(t, s, now_s, self.margin):
                 continue
-            i = max(range(len(kept)), key=alone.__getitem__)  # the longest (first of equals)
+            i = max(range(len(kept)), key=lambda j: (alone[j], j))  # the longest; of equals, the latest deadline
             longest = kept[i]
             total = self._shortened(longest, (t - now_s) - (s.deadline_s - now_s) / (1.0 + self.margin))
             if total is not None:

@@ -7,6 +7,8 @@ classifier-free guidance), `timestep` [n], `encoder_hidden_states` [n, S, D] and
   ConcatDenoiser  step-level batching without patches: one call per latent resolution
   PatchDenoiser   exact patches (torch): ONE call for all patches of all resolutions (patches.py)
   TiledDenoiser   fixed-shape tiles with overlap, blended back (ORT/TensorRT): approximate, measured
+Torch denoisers run where their weights are (CPU or CUDA, fp32 or fp16): inputs go to the model's
+device and dtype, outputs come back as FP32 numpy on the CPU.
 """
 
 from __future__ import annotations
@@ -65,11 +67,26 @@ def torch_call(model, family: Family) -> DenoiseCall:
     import torch
 
     def call(inputs: Inputs) -> np.ndarray:
-        t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
+        t = to_model(model, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()})
         with torch.no_grad():
-            return torch_forward(model, family, t).numpy()
+            return to_host(torch_forward(model, family, t))
 
     return call
+
+
+def to_model(model, tensors: dict) -> dict:
+    """Tensors onto the model's device, floating ones (but the timestep) in its dtype (fp16 on a GPU).
+    For a CPU fp32 model these are the same tensors (Tensor.to returns self when nothing changes)."""
+    p = next(model.parameters())
+    return {k: v.to(p.device, p.dtype if v.is_floating_point() and k != "timestep" else v.dtype)
+            for k, v in tensors.items()}
+
+
+def to_host(out) -> np.ndarray:
+    """A denoiser output as the executors return it: FP32 numpy on the CPU (no copy if it already is)."""
+    import torch
+
+    return out.to("cpu", torch.float32).numpy()
 
 
 def torch_forward(model, family: Family, t: dict):
@@ -95,10 +112,12 @@ class PatchDenoiser:
         from ..patch_index import PatchIndex, patch_edge
         from ..patches import cut_patches, exact_patch_mode, per_patch, stitch_patches
 
-        images = [torch.from_numpy(np.ascontiguousarray(row)) for it in items for row in it["sample"]]
-        per_image = {
+        # one copy per request onto the model's device, then one [C, h, w] view per row (CFG halves)
+        samples = {i: torch.from_numpy(np.ascontiguousarray(it["sample"])) for i, it in enumerate(items)}
+        images = [row for sample in to_model(self.model, samples).values() for row in sample]
+        per_image = to_model(self.model, {
             k: torch.from_numpy(np.concatenate([it[k] for it in items])) for k in items[0] if k != "sample"
-        }
+        })
         sizes = [tuple(img.shape[-2:]) for img in images]
         index = PatchIndex.build(sizes, patch_edge(sizes, self.multiple, self.patch_size))
         inputs = {k: per_patch(index, v) for k, v in per_image.items()}
@@ -109,7 +128,7 @@ class PatchDenoiser:
         outs, start = [], 0
         for it in items:  # the images of one item (its CFG halves) share a size
             n = it["sample"].shape[0]
-            outs.append(torch.stack(stitched[start : start + n]).numpy())
+            outs.append(to_host(torch.stack(stitched[start : start + n])))
             start += n
         stats = CallStats((index.n_patches,), (len(index.groups),), (len(items),))
         return outs, stats

@@ -10,6 +10,7 @@ and the cost model profiled (in `initialize` for the local executor; for BLS, wh
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from .errors import error_response, triton_error
 from .metrics import EngineMetrics
 
 log = logging.getLogger("tessera.triton.engine")
+NOT_READY = "tessera_marked_not_ready"  # a backend that does not exist: the marker model fails to load
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +141,7 @@ class TritonPythonModel:
             self.metrics.count("invalid")
             sender.send(error_response(e, client.client_id), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return
-        ids = self.fanin.open(len(items), client, progress)
+        key, ids = self.fanin.open(len(items), client, progress)
         now = time.monotonic()
         for k, (rid, params) in enumerate(zip(ids, items, strict=True)):
             try:
@@ -147,9 +149,11 @@ class TritonPythonModel:
             except (OverloadedError, ShutdownError, RefusedError) as e:
                 # Answered once, now; items already submitted are cancelled and only counted.
                 self.metrics.count("refused" if isinstance(e, RefusedError) else "rejected")
-                for submitted in self.fanin.refused(ids, k):
-                    self.loop.cancel(submitted)
-                sender.send(error_response(e, client.client_id), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                live, answer = self.fanin.refused(key, ids, k)
+                for rid in live:
+                    self.loop.cancel(rid)
+                if answer:
+                    sender.send(error_response(e, client.client_id), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 return
         self.metrics.in_flight.set(self.loop.pending)
 
@@ -190,8 +194,18 @@ class TritonPythonModel:
                 self.loop.cancel(rid)
 
     def _on_dead(self, error: BaseException) -> None:
-        """The loop stopped: report not ready (Triton unloads the model; /v2/health/ready fails)."""
+        """The loop stopped (every accepted request has been answered): report not ready, for good. The model
+        unloads itself, and first loads a marker `<name>_not_ready` that cannot load (an unknown backend):
+        an unloaded model alone stops counting against /v2/health/ready within a second, a failed one does
+        not, so the server stays not ready until restarted (a load balancer or Kubernetes sees it). Needs
+        explicit model control (`tessera serve` uses it); under `--model-control-mode=none` Triton refuses
+        both calls and only `tessera_engine_ready` drops to 0."""
         self.metrics.ready.set(0)
+        try:
+            pb_utils.load_model(model_name=f"{self.name}_not_ready", config=json.dumps({"backend": NOT_READY}),
+                                files={"file:1/REASON": f"engine loop stopped: {type(error).__name__}".encode()})
+        except pb_utils.TritonModelException:
+            pass  # expected: the marker fails to load, which is its purpose
         pb_utils.unload_model(self.name)
 
     def finalize(self) -> None:
