@@ -1,5 +1,6 @@
 """Overload: 3x capacity for 60 s against one engine (policy rounds, the default admission bound), early
-refusal on vs off on the same trace. Every request must get a response (an image, a refusal at admission,
+refusal on, strict and off on the same trace (and the simulator on that trace with each served engine's
+cost model). Every request must get a response (an image, a refusal at admission,
 a later "deadline cannot be met" drop, or an "overloaded" rejection); with early refusal, refusals must
 come within 100 ms of arrival; the server must be ready afterwards. Both clients are measured: gRPC
 streaming to the decoupled engine, and unary calls to the txt2img facade.
@@ -14,9 +15,9 @@ import argparse
 import numpy as np
 
 from perf.common import RESULTS, tiny_unet_repo, write_result
-from perf.slo import SIZES, isolated_ms
+from perf.slo import SIZES, isolated_ms, scrape_all
 
-SETTINGS = {"early-refusal": "on", "late-refusal": "off"}  # engine setting early_refusal
+SETTINGS = {"early-refusal": "on", "strict-refusal": "strict", "late-refusal": "off"}  # engine setting early_refusal
 NO = ("refused", "dropped", "rejected")  # the UNAVAILABLE answers
 
 
@@ -76,19 +77,28 @@ def main(argv: list[str] | None = None) -> int:
                       f"SAR {row['slo_attainment']:.3f}, refused {row['refused']} (max {row['refused_latency_ms_max']} ms), "
                       f"dropped {row['dropped']} (max {row['dropped_latency_ms_max']} ms), rejected {row['rejected']}, "
                       f"failed {row['failed']}, ready after: {row['server_ready_after']}", flush=True)
+        terms = {name: {lab["term"]: v for lab, v in scrape_all(server.metrics_url, "tessera_cost_model")
+                        if lab.get("model") == f"engine_{name}"} for name in SETTINGS}
+    from tessera.bench.simulate import sar, simulate
+    from tessera.cost import CostModel
+
+    sim = {}
+    for name, switch in SETTINGS.items():
+        res = simulate(tr, args.policy, CostModel.from_terms(terms[name], 8), slo, early_refusal=switch)
+        sim[name] = {"slo_attainment": sar(res), **{s: sum(r.status == s for r in res) for s in ("ok", "refused", "dropped")}}
     rows = [r for setting in out.values() for r in setting.values()]
-    early = out["early-refusal"].values()
+    early = [*out["early-refusal"].values(), *out["strict-refusal"].values()]
     verdict = (all(r["answered"] == r["requests"] and r["failed"] == 0 and r["server_ready_after"] for r in rows)
                and all((r["refused_latency_ms_max"] or 0.0) <= 100.0 for r in early))
-    ratios = {c: out["early-refusal"][c]["slo_attainment"] / max(out["late-refusal"][c]["slo_attainment"], 1e-9)
-              for c in out["early-refusal"]}
+    ratios = {f"{name}/late-refusal {c}": out[name][c]["slo_attainment"] / max(out["late-refusal"][c]["slo_attainment"], 1e-9)
+              for name in ("early-refusal", "strict-refusal") for c in out[name]}
     config = vars(args) | {"sizes": SIZES, "engine": engine, "settings": SETTINGS, "capacity_rps": capacity,
                            "isolated_ms": {f"{h}x{w}": v for (h, w), v in iso.items()}, "model": "tiny UNet",
                            "baseline": "late-refusal (early_refusal=off), same trace, same server"}
-    path = write_result(args.name, config, {"settings": out, "sar_ratio_early_vs_late": ratios,
+    path = write_result(args.name, config, {"settings": out, "sar_ratio_vs_late": ratios, "simulated_same_trace": sim,
                                             "all_answered_refusals_within_100ms": verdict})
     _plot(out, RESULTS / f"{args.name}.png")
-    print(f"[tessera] overload: wrote {path}; SAR ratio early/late {ratios}; verdict {verdict}")
+    print(f"[tessera] overload: wrote {path}; SAR ratios {ratios}; simulated {sim}; verdict {verdict}")
     return 0 if verdict else 1
 
 

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tessera.bench.simulate import oracle, sar
     from tessera.bench.traces import poisson
-    from tessera.scheduler import CostModel
+    from tessera.cost import CostModel
 
     slo_doc = json.loads((RESULTS / "slo.json").read_text())
     cfg = slo_doc["config"]

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     from tessera.bench.loadgen import replay, summarize
     from tessera.bench.simulate import oracle, sar
     from tessera.bench.traces import poisson
-    from tessera.scheduler import CostModel
+    from tessera.cost import CostModel
     from tessera.server import TritonServer
     from tessera_export.repository import add_engine
 

@@ -43,20 +43,20 @@ class MemorySampler(threading.Thread):
         self.samples: list[tuple[float, float, dict[int, float]]] = []  # (t, total MiB, per pid)
         self.phase = "start"
         self.marks: list[tuple[float, str]] = []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self.t0 = time.perf_counter()
 
     def mark(self, phase: str) -> None:
         self.marks.append((time.perf_counter() - self.t0, phase))
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             per = rss_mb(self.server.stub_pids())
             self.samples.append((time.perf_counter() - self.t0, sum(per.values()), per))
-            self._stop.wait(self.every_s)
+            self._halt.wait(self.every_s)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 

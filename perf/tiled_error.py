@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import CLIPTokenizer
 
     torch.set_num_threads(1)
-    from tessera.engine import Engine, RequestState
+    from tessera.engine import Engine
+    from tessera.request import RequestState
     from tessera.executors.denoise import ConcatDenoiser, TiledDenoiser
     from tessera.executors.ort import LocalComponents
     from tessera.generation import Txt2Img
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             eng.add(RequestState(f"r{s}", GenerationParams("a red circle at top left", "", h, w, args.steps, 5.0, s), 0.0))
         out = {}
         while eng.has_work():
-            out.update({o.request_id: o.image for o in eng.step(0.0) if o.final})
+            out.update({o.request_id: o.image for o in eng.step() if o.final})
         return [out[f"r{s}"].astype(np.float64) for s in range(args.seeds)]
 
     whole = images(ConcatDenoiser(comps.denoise))

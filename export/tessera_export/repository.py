@@ -28,7 +28,7 @@ from tessera.spec import PipelineSpec
 from tessera.config import EngineConfig
 from tessera.wire import (
     WARMUP_SAMPLE,
-    ENGINE_MODEL, ENTRY_INPUTS, ENTRY_MAX_BATCH, ENTRY_MODEL, OUTPUT_IMAGE, OUTPUT_STEPS, STREAM_INPUTS,
+    ENGINE_MODEL, ENTRY_INPUTS, ENTRY_MAX_BATCH, ENTRY_MODEL, OUTPUT_IMAGE, OUTPUT_PREVIEW, OUTPUT_STEPS, STREAM_INPUTS,
 )
 
 from .onnx_export import OPSET, ComponentExport, export_component, plan_components
@@ -149,7 +149,7 @@ def _engine_config(name: str, config: EngineConfig, limits: Limits) -> str:
     ins = [(s.name, f"TYPE_{s.triton_type}", [1], s.optional, False) for s in ENTRY_INPUTS]
     ins += [(n, "TYPE_BOOL", [1], True, False) for n in STREAM_INPUTS]
     outs = [(OUTPUT_IMAGE, "TYPE_UINT8", [-1, -1, 3], False, False), (OUTPUT_STEPS, "TYPE_INT32", [1], False, False),
-            ("preview", "TYPE_UINT8", [-1, -1, 3], False, False)]
+            (OUTPUT_PREVIEW, "TYPE_UINT8", [-1, -1, 3], False, False)]
     return (
         f'name: "{name}"\nbackend: "python"\nmax_batch_size: {ENTRY_MAX_BATCH}\n'
         + "model_transaction_policy { decoupled: true }\n"

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .errors import TesseraError
-from .options import OnHopeless, PolicyName, Switch
+from .options import EarlyRefusal, OnHopeless, PolicyName
 
 
 def _cmd_build_tiny(a: argparse.Namespace) -> int:
@@ -174,8 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--on-hopeless", choices=[m.value for m in OnHopeless], default=OnHopeless.DROP.value,
                    help="slack/rounds: a request that cannot meet its deadline is dropped, or degraded to fewer "
                         "steps (default: %(default)s)")
-    e.add_argument("--early-refusal", choices=[m.value for m in Switch], default=Switch.ON.value,
-                   help="slack/rounds: refuse at admission a request the plan cannot fit (default: %(default)s)")
+    e.add_argument("--early-refusal", choices=[m.value for m in EarlyRefusal], default=EarlyRefusal.ON.value,
+                   help="slack/rounds: refuse at admission a request the plan sets aside (on), or also one that "
+                        "would push an admitted request out (strict), or only once hopeless (off) "
+                        "(default: %(default)s)")
     e.add_argument("--denoiser-runtime", choices=["ort", "torch"], default="ort")
     e.add_argument("--denoise-mode", choices=["concat", "patches", "tiled"], default="concat",
                    help="per-step batching: per resolution, exact patches (torch), or fixed tiles")

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from .errors import ConfigError
-from .options import DenoiseMode, Executor, LastStep, OnHopeless, Option, PolicyName, Runtime, Switch
+from .options import DenoiseMode, EarlyRefusal, Executor, LastStep, OnHopeless, Option, PolicyName, Runtime, Switch
 
-OPTIONS: dict[str, type[Option]] = {c.__name__: c for c in (DenoiseMode, Executor, LastStep, OnHopeless, PolicyName,
-                                                            Runtime, Switch)}
+OPTIONS: dict[str, type[Option]] = {c.__name__: c for c in (DenoiseMode, EarlyRefusal, Executor, LastStep, OnHopeless,
+                                                            PolicyName, Runtime, Switch)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +57,10 @@ class EngineConfig:
     clean latent), none (decode the noisy latent; ablation only)."""
     profile_sizes: str = ""
     """Start-up profile sizes, 'HxW,HxW'; empty = min, 2x and 4x the minimum size, plus one non-square."""
-    early_refusal: Switch = Switch.ON
+    early_refusal: EarlyRefusal = EarlyRefusal.ON
     """slack/rounds: refuse a newcomer at admission (UNAVAILABLE, within milliseconds) when the current plan
-    cannot fit it by its deadline, instead of when it becomes hopeless alone (perf/results/overload.json)."""
+    sets it aside (on), or also when admitting it would push an admitted request out of the plan (strict),
+    instead of when it becomes hopeless alone (off). perf/results/overload.json measures the three."""
     fault_injection: Switch = Switch.OFF
     """Testing only: requests whose prompt carries a fault marker fail at that stage (tessera.faults)."""
 

@@ -8,7 +8,8 @@
       by patches or by tiles);
   (4) each request's own sampler takes its step (Pipeline.apply), then the entropy early-exit rule;
   (5) finished requests are decoded and answered at once (earliest deadline first); progress events;
-  (6) a StepRecord for metrics, and the cost model learns from what was measured.
+  (6) a StepRecord for metrics. The cost model learns from what was measured along the way (joins,
+      the step, each decode with its answer).
 Failures are contained: a request whose own work raises (start, sampler, decode, preview) fails alone
 with INTERNAL naming it; if the step as a whole raises (the plan, the denoiser run) every request of
 that step is answered with INTERNAL and the engine stays usable. No threads and no Triton here: EngineLoop
@@ -156,7 +157,10 @@ class Engine:
                 state.params = replace(state.params, num_steps=steps)
             elif (state := self.running.get(rid)) is not None and state.step_index < steps < state.step_index + state.steps_left:
                 state.asked_steps = state.asked_steps or state.params.num_steps
-                self.pipeline.truncate(state.run, steps, clean=True)
+                try:
+                    self.pipeline.truncate(state.run, steps, clean=True)
+                except Exception as e:  # noqa: BLE001 - one request's own work: it alone fails
+                    put(self._fail(self.running.pop(rid), "degrade", e))
 
     def _join(self, join: tuple[str, ...], now_s: float, put: Emit) -> None:
         """(2) Encode prompts and draw seeded noise; a request that fails to start fails alone."""
@@ -199,7 +203,14 @@ class Engine:
             if s.request_id not in self.running:
                 continue  # failed in (4)
             s.step_s.append(end_s)
-            put(self._finish(s) if s.run.done else self._progress(s))
+            if not s.run.done:
+                put(self._progress(s))
+                continue
+            t0 = self.clock()
+            out = self._finish(s)
+            put(out)  # answered now (emit)
+            if out.ok:  # a finish holds the loop for its decode and its answer: the cost model learns both
+                self._observe_finish(s, self.clock() - t0)
         # (6) record
         self.records.append(StepRecord(
             self.step_no, now_s, end_s, tuple(s.request_id for s in batch), before, tuple(s.size for s in batch),
@@ -208,18 +219,23 @@ class Engine:
         self.step_no += 1
 
     def _finish(self, s: RequestState) -> RequestOutput:
-        """Decode a finished request; its answer is the caller's next emit (a finish holds the loop for its
-        decode and its answer: the cost model learns both)."""
-        t0 = self.clock()
+        """Decode a finished request; it leaves `running` with its output built (never unanswered)."""
         try:
             image = self.pipeline.finish(s.run)
         except Exception as e:  # noqa: BLE001
             return self._fail(self.running.pop(s.request_id), "decode", e)
-        self.running.pop(s.request_id)
         s.done_s = self.clock()
-        if self.cost is not None:
-            self.cost.observe_finishes([(self.cost.cells(s), self.clock() - t0)])
-        return self._final(s, FinishReason.DEGRADED if s.asked_steps else FinishReason.COMPLETED, image=image)
+        out = self._final(s, FinishReason.DEGRADED if s.asked_steps else FinishReason.COMPLETED, image=image)
+        self.running.pop(s.request_id)
+        return out
+
+    def _observe_finish(self, s: RequestState, seconds: float) -> None:
+        if self.cost is None:
+            return
+        try:
+            self.cost.observe_finishes([(self.cost.cells(s), seconds)])
+        except Exception:  # noqa: BLE001 - learning must not fail a request already answered
+            log.exception("[tessera] cost model update failed after %s", s.request_id)
 
     def _progress(self, s: RequestState) -> RequestOutput | None:
         if not s.progress:

@@ -3,7 +3,7 @@ the next step boundary, steps while there is work, and hands every RequestOutput
 
 Admission runs on the submitting thread and answers at once: a full engine (OverloadedError), a stopped
 one (ShutdownError), and with early refusal a request the current plan cannot fit by its deadline
-(RefusedError), tested against the snapshot the loop publishes after every step. If the loop
+(RefusedError), tested against the snapshot the loop publishes after every drain and step. If the loop
 itself fails (anything the engine's own containment did not catch), every accepted request is answered,
 later submissions are refused and `on_dead` is called: the model reports itself not ready.
 """
@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 
 from .engine import Engine
-from .errors import OverloadedError, RefusedError, ShutdownError
+from .errors import OverloadedError, RefusedError, RequestFailedError, ShutdownError
 from .plan import EngineView, RequestOutput
 from .request import FinishReason, RequestState
 
@@ -56,23 +55,28 @@ class EngineLoop:
             return self._pending
 
     def submit(self, state: RequestState) -> None:
-        """Admit `state` or raise (answered at once by the caller)."""
+        """Admit `state` or raise (answered at once by the caller). Called from one thread (Triton's execute):
+        the plan is copied under the lock and tested outside it, so answers on the loop are not held up."""
         self.engine.admit(state)
         with self._cv:
-            if self._stop or self.dead is not None:
-                raise ShutdownError("engine: not serving (shutting down or its loop stopped); allowed: retry on "
-                                    "another instance")
-            if self._pending >= self.max_in_flight:
-                raise OverloadedError(
-                    f"engine: overloaded; allowed at most {self.max_in_flight} requests in flight, got one more"
-                )
-            if self.early_refusal:
-                reason = self.engine.policy.refuse(self._planned_view(), state, self.engine.clock())
-                if reason is not None:
-                    raise RefusedError(reason)
+            self._check_open()
+            view = self._planned_view() if self.early_refusal else None
+        if view is not None and (reason := self.engine.policy.refuse(view, state, self.engine.clock())) is not None:
+            raise RefusedError(reason)
+        with self._cv:
+            self._check_open()
             self._pending += 1
             self._inbox.append(("add", state))
             self._cv.notify()
+
+    def _check_open(self) -> None:
+        if self._stop or self.dead is not None:
+            raise ShutdownError("engine: not serving (shutting down or its loop stopped); allowed: retry on "
+                                "another instance")
+        if self._pending >= self.max_in_flight:
+            raise OverloadedError(
+                f"engine: overloaded; allowed at most {self.max_in_flight} requests in flight, got one more"
+            )
 
     def _planned_view(self) -> EngineView:
         """The published snapshot plus the requests accepted since (not yet in the engine)."""
@@ -106,9 +110,16 @@ class EngineLoop:
             self._inbox.clear()
         for kind, payload in items:
             if kind == "add":
-                self.engine.add(payload, admitted=True)  # type: ignore[arg-type]
+                try:
+                    self.engine.add(payload, admitted=True)  # type: ignore[arg-type]
+                except Exception as e:  # noqa: BLE001 - answered, never lost (e.g. a duplicate id)
+                    self._emit(RequestOutput(payload.request_id, True, 0, payload.params.num_steps,  # type: ignore[union-attr]
+                                             error=RequestFailedError(f"request {payload.request_id}: {e}"),  # type: ignore[union-attr]
+                                             finish_reason=FinishReason.ERROR))
             else:
                 self._cancel(payload)  # type: ignore[arg-type]
+        if self.early_refusal and items:
+            self._publish()  # newcomers now in the engine must be in the plan admission tests against
         if self.is_cancelled is not None:
             for rid in [*self.engine.waiting, *self.engine.running]:
                 if self.is_cancelled(rid):
@@ -152,13 +163,15 @@ class EngineLoop:
                      exc_info=e)
         with self._cv:
             self.dead = e
-        self._answer_all(ShutdownError(f"engine: loop stopped ({type(e).__name__}: {e}); the request was not "
-                                       "finished; allowed: retry on another instance"))
-        if self.on_dead is not None:
-            try:
-                self.on_dead(e)
-            except Exception:  # noqa: BLE001
-                log.exception("[tessera] marking the model not ready failed")
+        try:
+            self._answer_all(ShutdownError(f"engine: loop stopped ({type(e).__name__}: {e}); the request was not "
+                                           "finished; allowed: retry on another instance"))
+        finally:
+            if self.on_dead is not None:
+                try:
+                    self.on_dead(e)
+                except Exception:  # noqa: BLE001
+                    log.exception("[tessera] marking the model not ready failed")
 
     def _answer_all(self, error: Exception) -> None:
         """Every accepted request still in flight gets its one final response."""
@@ -169,6 +182,10 @@ class EngineLoop:
             if kind == "add":
                 self.engine.waiting.setdefault(payload.request_id, payload)  # type: ignore[union-attr]
         for rid in [*self.engine.waiting, *self.engine.running]:
-            out = self.engine.abort(rid, FinishReason.ERROR, error)
+            try:
+                out = self.engine.abort(rid, FinishReason.ERROR, error)
+            except Exception:  # noqa: BLE001 - answer the others
+                log.exception("[tessera] answering %s failed", rid)
+                continue
             if out is not None:
                 self._emit(out)

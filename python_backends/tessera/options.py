@@ -50,6 +50,15 @@ class Switch(Option):
         return self is Switch.ON
 
 
+class EarlyRefusal(Option):
+    OFF = "off"  # refused only once hopeless alone (late)
+    ON = "on"  # refused at admission when the plan sets the newcomer aside
+    STRICT = "strict"  # ... or when admitting it would push an admitted request out of the plan
+
+    def __bool__(self) -> bool:
+        return self is not EarlyRefusal.OFF
+
+
 class Executor(Option):
     BLS = "bls"  # components are their own Triton models, called over BLS
     LOCAL = "local"  # components run in the engine's own stub (ONNX Runtime)

@@ -33,7 +33,7 @@ class FinishReason(str, enum.Enum):
     DEGRADED = "degraded"  # completed with fewer steps than asked, to meet its deadline
     CANCELLED = "cancelled"
     ERROR = "error"
-    DROPPED = "dropped"  # its deadline could not be met (refused at admission, or hopeless later)
+    DROPPED = "dropped"  # its deadline could not be met, even alone (refusals at admission raise RefusedError)
 
 
 @dataclass(frozen=True, slots=True)

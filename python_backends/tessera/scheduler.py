@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .cost import CostModel
 from .errors import ConfigError
-from .options import OnHopeless, PolicyName
+from .options import EarlyRefusal, OnHopeless, PolicyName
 from .plan import EngineView, StepPlan
 from .request import RequestState
 
@@ -45,6 +45,7 @@ class PolicySettings:
     min_steps: int = 4
     round_steps: int = 5
     margin: float = 0.1
+    early_refusal: EarlyRefusal = EarlyRefusal.ON
 
 
 class Policy:
@@ -70,27 +71,32 @@ class _DeadlinePolicy(Policy):
     plan), which rounds packs from and early refusal tests newcomers against."""
 
     def __init__(self, max_batch: int, cost: CostModel | None, on_hopeless: OnHopeless | str, min_steps: int,
-                 margin: float):
+                 margin: float, early_refusal: EarlyRefusal | str = EarlyRefusal.ON):
         if cost is None:
             raise ConfigError(f"policy: {self.name.value!r} needs a cost model (the engine profiles one at start-up)")
         self.max_batch, self.cost, self.min_steps = max_batch, cost, min_steps
         self.on_hopeless = OnHopeless.parse("on_hopeless", on_hopeless)
         self.degrades = self.on_hopeless is OnHopeless.DEGRADE
         self.margin = margin  # planned time still to run is stretched by this fraction (jitter)
+        self.strict = EarlyRefusal.parse("early_refusal", early_refusal) is EarlyRefusal.STRICT
 
     def refuse(self, view: EngineView, state: RequestState, now_s: float) -> str | None:
         """Refused when the newcomer is hopeless even alone, or when the serial EDF plan of everyone in flight
         plus the newcomer (Moore-Hodgson, as `admit`) sets the newcomer aside: it would wait until hopeless.
-        Answer now instead. (Refusing also newcomers that would push an accepted request out of the plan was
-        measured worse: FCFS admission loses Moore-Hodgson's preference for short requests; docs.)"""
+        Strict: also when admitting it sets aside anyone the plan without it keeps (admitted requests are
+        not pushed out later; admission becomes first come, first served: perf/results/overload.json)."""
         waiting, running, _, _ = self.triage(EngineView(view.waiting + (state,), view.running), now_s)
         if state.request_id not in {s.request_id for s in waiting}:
             return self._reason(state, now_s)
-        kept, _ = self.admit(sorted(running + waiting, key=lambda s: s.deadline_s), now_s)
-        if state.request_id in {s.request_id for s in kept}:
+        kept = {s.request_id for s in self.admit(sorted(running + waiting, key=lambda s: s.deadline_s), now_s)[0]}
+        others = [s for s in running + waiting if s.request_id != state.request_id]
+        if state.request_id in kept and (not self.strict or self._kept(others, now_s) <= kept):
             return None
         return (f"deadline cannot be met: the current plan ({len(running) + len(waiting) - 1} requests in flight) "
                 f"cannot fit it by its deadline {(state.deadline_s - state.arrival_s) * 1e3:.0f} ms after arrival")
+
+    def _kept(self, states: list[RequestState], now_s: float) -> set[str]:
+        return {s.request_id for s in self.admit(sorted(states, key=lambda s: s.deadline_s), now_s)[0]}
 
     def hopeless(self, s: RequestState, now_s: float) -> bool:
         return now_s + self.cost.alone_s(s) > s.deadline_s
@@ -214,13 +220,15 @@ class SlackPolicy(_DeadlinePolicy):
     name = PolicyName.SLACK
 
     def __init__(self, max_batch: int = 16, cost: CostModel | None = None, on_hopeless: OnHopeless | str = "drop",
-                 min_steps: int = 4, relaxed_slack: float = 2.0, margin: float = 0.1):
-        super().__init__(max_batch, cost, on_hopeless, min_steps, margin)
+                 min_steps: int = 4, relaxed_slack: float = 2.0, margin: float = 0.1,
+                 early_refusal: EarlyRefusal | str = EarlyRefusal.ON):
+        super().__init__(max_batch, cost, on_hopeless, min_steps, margin, early_refusal)
         self.relaxed_slack = relaxed_slack
 
     @classmethod
     def build(cls, settings: PolicySettings, cost: CostModel | None) -> Policy:
-        return cls(settings.max_batch, cost, settings.on_hopeless, settings.min_steps, margin=settings.margin)
+        return cls(settings.max_batch, cost, settings.on_hopeless, settings.min_steps, margin=settings.margin,
+                   early_refusal=settings.early_refusal)
 
     def slack(self, s: RequestState, now_s: float) -> float:
         """(deadline - now - predicted remaining alone) / isolated latency."""
@@ -258,14 +266,15 @@ class RoundsPolicy(_DeadlinePolicy):
     name = PolicyName.ROUNDS
 
     def __init__(self, max_batch: int = 16, cost: CostModel | None = None, on_hopeless: OnHopeless | str = "drop",
-                 min_steps: int = 4, round_steps: int = 5, margin: float = 0.1):
-        super().__init__(max_batch, cost, on_hopeless, min_steps, margin)
+                 min_steps: int = 4, round_steps: int = 5, margin: float = 0.1,
+                 early_refusal: EarlyRefusal | str = EarlyRefusal.ON):
+        super().__init__(max_batch, cost, on_hopeless, min_steps, margin, early_refusal)
         self.round_steps = round_steps
 
     @classmethod
     def build(cls, settings: PolicySettings, cost: CostModel | None) -> Policy:
         return cls(settings.max_batch, cost, settings.on_hopeless, settings.min_steps, settings.round_steps,
-                   settings.margin)
+                   settings.margin, settings.early_refusal)
 
     def schedule(self, view: EngineView, now_s: float) -> StepPlan:
         boundary = view.step_no % self.round_steps == 0 or not (view.last_advance & {s.request_id for s in view.running})
@@ -315,7 +324,8 @@ POLICIES: dict[PolicyName, type[Policy]] = {p.name: p for p in (ImageFcfsPolicy,
 
 def make_policy(name: PolicyName | str, max_batch: int = 16, cost: CostModel | None = None,
                 on_hopeless: OnHopeless | str = OnHopeless.DROP, min_steps: int = 4, round_steps: int = 5,
-                margin: float = 0.1) -> Policy:
+                margin: float = 0.1, early_refusal: EarlyRefusal | str = EarlyRefusal.ON) -> Policy:
     """The policy registered as `name` (ConfigError naming `policy` and the allowed values otherwise)."""
-    settings = PolicySettings(max_batch, OnHopeless.parse("on_hopeless", on_hopeless), min_steps, round_steps, margin)
+    settings = PolicySettings(max_batch, OnHopeless.parse("on_hopeless", on_hopeless), min_steps, round_steps, margin,
+                              EarlyRefusal.parse("early_refusal", early_refusal))
     return POLICIES[PolicyName.parse("policy", name)].build(settings, cost)

@@ -5,6 +5,7 @@ images (the quality smoke test's check), and a request may turn it off. Metrics 
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
 from pathlib import Path
 
@@ -40,8 +41,12 @@ def test_served_early_exit_saves_steps_and_keeps_paired_fidelity(server):
     assert (early_steps < FULL_STEPS).all() and (early_steps >= 15).all()  # the floor: 30% of 50
     fid = paired(early, full)
     assert passes_paired(fid), fid
-    saved = metric_sum(server, "tessera_steps_saved_total", model="ref_engine_ee", cause="early_exit")
-    assert saved - saved_before == int((FULL_STEPS - early_steps).sum())
+    want = int((FULL_STEPS - early_steps).sum())
+    deadline = time.monotonic() + 30  # metrics are applied on their own thread, just after the answers
+    while (saved := metric_sum(server, "tessera_steps_saved_total", model="ref_engine_ee", cause="early_exit")) \
+            - saved_before < want and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert saved - saved_before == want
     assert metric_sum(server, "tessera_steps_run_count", model="ref_engine_ee") >= len(jobs)
     # opting out on the same server: all steps, and the very image of the full-step path
     client = make_client("grpc", server.grpc_url)

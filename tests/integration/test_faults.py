@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import PROMPT, SIZES
 from tessera.client import infer_inputs, make_client, request_arrays
-from tessera.errors import from_message
+from tessera.errors import Status, from_message
 from tessera.faults import MARK
 
 pytestmark = pytest.mark.integration
@@ -61,7 +61,7 @@ def test_faults_one_request_failing_leaves_three_concurrent_images_unchanged(ser
     reference = _collect(server, "engine_faults", clean)
     for stage in ("sampler", "decode", "start"):
         got = _collect(server, "engine_faults", clean + [("bad", f"{PROMPT} {MARK.format(stage)}", 99)])
-        assert isinstance(got["bad"], str) and from_message(got["bad"]).status.value == "INTERNAL"
+        assert isinstance(got["bad"], str) and from_message(got["bad"]).status is Status.INTERNAL
         assert "request r" in got["bad"] and stage.replace("start", "prompt encoding").replace(
             "sampler", "sampler update") in got["bad"]
         for rid, _, _ in clean:
@@ -74,7 +74,7 @@ def test_faults_failing_step_answers_each_request_internal_then_serves_the_next(
     got = _collect(server, "engine_faults", reqs)  # step-fcfs: the three share every step
     for rid in ("s0", "s1", "boom"):
         assert isinstance(got[rid], str) and "engine step" in got[rid], got[rid]
-        assert from_message(got[rid]).status.value == "INTERNAL"
+        assert from_message(got[rid]).status is Status.INTERNAL
     after = _collect(server, "engine_faults", [("next", PROMPT, 4)])
     assert isinstance(after["next"], np.ndarray) and after["next"].shape == (64, 64, 3)
     # the unary facade maps the relayed error to its status: INTERNAL (HTTP 500)
@@ -129,7 +129,7 @@ def test_faults_dead_loop_makes_readiness_fail(tiny_pipelines, tmp_path):
         assert _ready(f"{base}/health/ready") == 200 and _ready(f"{base}/models/engine_faults/ready") == 200
         got = _collect(srv, "engine_faults", [("ok", PROMPT, 1), ("kill", f"{PROMPT} {MARK.format('loop')}", 2)])
         assert set(got) == {"ok", "kill"}  # both answered ("ok" may have finished before the loop died)
-        assert isinstance(got["kill"], str) and from_message(got["kill"]).status.value == "UNAVAILABLE"
+        assert isinstance(got["kill"], str) and from_message(got["kill"]).status is Status.UNAVAILABLE
         deadline = time.monotonic() + 60
         while _ready(f"{base}/models/engine_faults/ready") == 200 and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -139,4 +139,7 @@ def test_faults_dead_loop_makes_readiness_fail(tiny_pipelines, tmp_path):
         client = make_client("grpc", srv.grpc_url)  # the other engine still serves
         out = client.infer("txt2img", infer_inputs("grpc", request_arrays(PROMPT, 64, 64, steps=2, seed=0)))
         assert out.as_numpy("image").shape == (1, 64, 64, 3)
+        with pytest.raises(InferenceServerException) as e:  # its facade: UNAVAILABLE, retry elsewhere
+            client.infer("txt2img_faults", infer_inputs("grpc", request_arrays(PROMPT, 64, 64, steps=2, seed=0)))
+        assert e.value.status() == "StatusCode.UNAVAILABLE", e.value
         client.close()

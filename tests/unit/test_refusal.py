@@ -3,45 +3,19 @@ in hand-built situations (fake cost model, fake clock), and the simulator's earl
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 
-import numpy as np
 import pytest
 
 from tessera.bench.simulate import simulate
 from tessera.bench.traces import Trace, TraceRequest
-from tessera.cost import CostModel
 from tessera.options import PolicyName
 from tessera.plan import EngineView
-from tessera.predictor import LatencyPredictor
 from tessera.request import GenerationParams, RequestState
 from tessera.scheduler import POLICIES, make_policy
+from test_policies import cost_model, req  # the same fake cost model and request builder
 
 DEADLINE_POLICIES = ("slack", "rounds")
 FCFS_POLICIES = ("image-fcfs", "step-fcfs")
-
-
-@dataclass
-class FakeRun:
-    steps_left: int
-    step_index: int = 0
-
-
-def cost_model(per_cell=0.001, base=0.01) -> CostModel:
-    """Step = base + per_cell x (cells x rows); join 0, finish 0: 64 px (CFG) 0.138 s a step, 128 px 0.522."""
-    p = LatencyPredictor()
-    p.coef = np.array([base, per_cell, 0.0, 0.0, 0.0])
-    return CostModel(p, vae_factor=8)
-
-
-def req(rid, size=64, steps=10, arrival=0.0, deadline=math.inf, started_steps_left=None):
-    s = RequestState(rid, GenerationParams("x", "", size, size, steps, 5.0, 0), arrival)
-    s.deadline_s = deadline
-    s.isolated_s = 1.0
-    if started_steps_left is not None:
-        s.run = FakeRun(started_steps_left, steps - started_steps_left)
-    return s
 
 
 def queued(running: bool = False):
@@ -163,7 +137,7 @@ def overloaded() -> Trace:
 
 @pytest.mark.parametrize("name", DEADLINE_POLICIES)
 def test_refusal_simulated_overload_refuses_at_arrival_and_never_runs_the_refused(name):
-    res = simulate(overloaded(), name, cost_model(), SLO_MS, charge_policy=False, early_refusal=True)
+    res = simulate(overloaded(), name, cost_model(), SLO_MS, charge_policy=False, early_refusal="on")
     assert len(res) == 8
     statuses = [r.status for r in res]
     assert set(statuses) <= {"ok", "dropped", "refused"}
@@ -174,11 +148,22 @@ def test_refusal_simulated_overload_refuses_at_arrival_and_never_runs_the_refuse
         if r.status == "ok":
             assert r.steps_run is not None and r.steps_run > 0
     assert all(r.met for r in res if r.status == "ok"), "what was accepted made its deadline"
-    plain = simulate(overloaded(), name, cost_model(), SLO_MS, charge_policy=False, early_refusal=False)
+    plain = simulate(overloaded(), name, cost_model(), SLO_MS, charge_policy=False, early_refusal="off")
     assert "refused" not in {r.status for r in plain} and set(r.status for r in plain) <= {"ok", "dropped"}
 
 
 @pytest.mark.parametrize("name", FCFS_POLICIES)
 def test_refusal_simulated_fcfs_policies_refuse_nothing(name):
-    res = simulate(overloaded(), name, cost_model(), SLO_MS, charge_policy=False, early_refusal=True)
+    res = simulate(overloaded(), name, cost_model(), SLO_MS, charge_policy=False, early_refusal="on")
     assert [r.status for r in res] == ["ok"] * 8
+
+
+def test_refuse_strict_also_refuses_a_newcomer_that_pushes_an_admitted_request_out():
+    """A short newcomer due before a long queued request: Moore-Hodgson keeps the newcomer and sets the long
+    one aside (on: admitted); strict keeps its promise to the queued request and refuses the newcomer."""
+    long = req("long", size=128, steps=10, deadline=6.0)  # 5.22 s alone
+    view = EngineView((long,), ())
+    newcomer = req("new", steps=10, deadline=2.0, arrival=0.0)  # 1.38 s alone: both cannot fit by 6 s
+    assert make_policy("rounds", cost=cost_model(), early_refusal="on").refuse(view, newcomer, 0.0) is None
+    reason = make_policy("rounds", cost=cost_model(), early_refusal="strict").refuse(view, newcomer, 0.0)
+    assert reason is not None and reason.startswith("deadline cannot be met: the current plan")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from ..cost import CostModel
 from ..engine import Engine
 from ..interfaces import CallStats
+from ..options import EarlyRefusal
 from ..request import FinishReason, GenerationParams, RequestState
 from ..scheduler import make_policy
 from .traces import Trace
@@ -114,7 +115,7 @@ class SimResult:
 def simulate(trace: Trace, policy: str, cost: CostModel, slo_ms: dict, instances: int = 1, max_batch: int = 16,
              on_hopeless: str = "drop", round_steps: int = 5, guidance: float = 5.0, margin: float = 0.1,
              charge_policy: bool = True, gap_s: float | None = None, min_steps: int = 4,
-             early_refusal: bool = False) -> list[SimResult]:
+             early_refusal: EarlyRefusal | str = EarlyRefusal.ON) -> list[SimResult]:
     """charge_policy: the policy's own compute time (measured on this host while simulating) advances the
     virtual clock, as it holds the real engine loop (slack's schedulability tests grow with the queue).
     gap_s: the loop's time between engine steps (responses, admissions), as the served engine measured it
@@ -122,6 +123,7 @@ def simulate(trace: Trace, policy: str, cost: CostModel, slo_ms: dict, instances
     early_refusal: each arrival is first tested by the policy's refuse() against its instance's plan, as the
     served engine model does at admission."""
     gap_s = cost.gap_s if gap_s is None else gap_s
+    early_refusal = EarlyRefusal.parse("early_refusal", early_refusal)  # the served engine's default: on
     clocks = [VirtualClock() for _ in range(instances)]
     engines = []
     for c in clocks:
@@ -133,7 +135,7 @@ def simulate(trace: Trace, policy: str, cost: CostModel, slo_ms: dict, instances
         sim_cost = replace(cost, predictor=predictor, gap_s=gap_s, gaps=0, gap_total_s=0.0,
                            finishes=copy.deepcopy(cost.finishes))
         pol = make_policy(policy, max_batch=max_batch, cost=sim_cost, on_hopeless=on_hopeless,
-                          round_steps=round_steps, margin=margin, min_steps=min_steps)
+                          round_steps=round_steps, margin=margin, min_steps=min_steps, early_refusal=early_refusal)
         pol = _Timed(pol, c) if charge_policy else pol
         engines.append(Engine(_SimPipeline(c, sim_cost), _SimDenoiser(c, sim_cost), pol, cost=sim_cost, clock=c))
     results: dict[str, SimResult] = {}

@@ -37,7 +37,7 @@ from ..profile import default_sizes, profile_costs
 from ..request import RequestState
 from ..scheduler import make_policy
 from ..spec import PipelineSpec
-from ..wire import ENTRY_INPUT_NAMES, OUTPUT_IMAGE, OUTPUT_STEPS, STREAM_INPUTS
+from ..wire import ENTRY_INPUT_NAMES, OUTPUT_IMAGE, OUTPUT_PREVIEW, OUTPUT_STEPS, STREAM_INPUTS
 from .common import input_or_none, parameters, setup_logging
 from .errors import error_response, triton_error
 from .metrics import EngineMetrics
@@ -84,10 +84,10 @@ class TritonPythonModel:
         self.cost = CostModel(LatencyPredictor(), self.spec.vae_scale_factor)  # filled in by the profile
         self.profile_sizes = config.sizes() or default_sizes(self.spec.limits)
         policy = make_policy(config.policy, config.max_batch, self.cost, config.on_hopeless, config.min_steps,
-                             config.round_steps, config.deadline_margin)
+                             config.round_steps, config.deadline_margin, config.early_refusal)
         self.engine = Engine(pipeline, denoiser, policy, cost=self.cost, slo_scale=config.slo_scale,
                              exit_rule=config.exit_rule(), early_exit=bool(config.early_exit))
-        self.metrics = EngineMetrics(self.name, self.engine, self.cost)
+        self.metrics = EngineMetrics(self.name, self.engine, self.cost, pending=lambda: self.loop.pending)
         self.fanin = FanIn()
         self.warm = False
         if config.executor is Executor.LOCAL:  # no BLS involved: warm up now, before the model is ready
@@ -126,7 +126,10 @@ class TritonPythonModel:
     def execute(self, requests):
         self._warm_up()  # no-op after the first call (the model_warmup request, when configured)
         for request in requests:
-            self._accept(request)
+            try:
+                self._accept(request)
+            except Exception:  # noqa: BLE001 - _accept answers every path; this is the last guard
+                log.exception("[tessera] %s: accepting a request failed", self.name)
         return None
 
     def _accept(self, request) -> None:
@@ -141,21 +144,26 @@ class TritonPythonModel:
             self.metrics.count("invalid")
             sender.send(error_response(e, client.client_id), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return
+        single = len(items) == 1  # progress and previews are relayed for single-item requests only
         key, ids = self.fanin.open(len(items), client, progress)
         now = time.monotonic()
         for k, (rid, params) in enumerate(zip(ids, items, strict=True)):
+            if k and self.fanin.context(rid) is None:  # an earlier item failed: its error answered the request
+                self.fanin.refused(key, ids, k)
+                return
             try:
-                self.loop.submit(RequestState(rid, params, now, progress, preview))
-            except (OverloadedError, ShutdownError, RefusedError) as e:
+                self.loop.submit(RequestState(rid, params, now, progress and single, preview and single))
+            except Exception as e:  # noqa: BLE001 - refused, overloaded, not serving, or a failure: answered now
                 # Answered once, now; items already submitted are cancelled and only counted.
-                self.metrics.count("refused" if isinstance(e, RefusedError) else "rejected")
+                self.metrics.count("refused" if isinstance(e, RefusedError) else
+                                   "rejected" if isinstance(e, OverloadedError | ShutdownError) else "error")
                 live, answer = self.fanin.refused(key, ids, k)
-                for rid in live:
-                    self.loop.cancel(rid)
+                for submitted in live:
+                    self.loop.cancel(submitted)
                 if answer:
                     sender.send(error_response(e, client.client_id), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 return
-        self.metrics.in_flight.set(self.loop.pending)
+        self.metrics.in_flight_changed()
 
     def _is_cancelled(self, request_id: str) -> bool:
         client = self.fanin.context(request_id)
@@ -168,30 +176,37 @@ class TritonPythonModel:
         try:
             if (answer := self.fanin.settle(out)) is not None:
                 self._send(answer)
-        finally:  # metrics never stand between a request and its response
-            try:
-                self.metrics.record_steps()
-                if out.final:
-                    self.metrics.record_final(out, self.loop.pending)
-            except Exception:  # noqa: BLE001
-                log.exception("[tessera] metrics update failed for %s", out.request_id)
+        finally:  # metrics never stand between a request and its response (applied on their own thread)
+            if out.final:
+                self.metrics.update(out)
 
     def _send(self, answer: Answer) -> None:
         client: _Client = answer.context
+        try:
+            self._respond(client, answer)
+        except Exception as e:  # noqa: BLE001 - a FINAL that could not be built is still a FINAL: INTERNAL
+            log.exception("[tessera] responding to %s failed", client.client_id)
+            if answer.final:
+                client.sender.send(pb_utils.InferenceResponse(error=triton_error(e, client.client_id)),
+                                   flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        finally:
+            for rid in answer.cancel:  # the rest of this request's items are not needed
+                self.loop.cancel(rid)
+
+    def _respond(self, client: _Client, answer: Answer) -> None:
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if not answer.final:
             out = answer.output
             tensors = [pb_utils.Tensor(OUTPUT_STEPS, np.array([[out.step_index]], np.int32))]
             if out.image is not None:
-                tensors.append(pb_utils.Tensor("preview", out.image[None]))
+                tensors.append(pb_utils.Tensor(OUTPUT_PREVIEW, out.image[None]))
             client.sender.send(pb_utils.InferenceResponse(tensors))
         elif answer.images is not None:
-            client.sender.send(pb_utils.InferenceResponse([pb_utils.Tensor(OUTPUT_IMAGE, answer.images),
-                                                           pb_utils.Tensor(OUTPUT_STEPS, answer.steps)]), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            tensors = [pb_utils.Tensor(OUTPUT_IMAGE, answer.images), pb_utils.Tensor(OUTPUT_STEPS, answer.steps)]
+            client.sender.send(pb_utils.InferenceResponse(tensors), flags=final)
         else:
             error = answer.error or CancelledError("request cancelled")
-            client.sender.send(pb_utils.InferenceResponse(error=triton_error(error, client.client_id)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            for rid in answer.cancel:  # the rest of this request's items are not needed
-                self.loop.cancel(rid)
+            client.sender.send(pb_utils.InferenceResponse(error=triton_error(error, client.client_id)), flags=final)
 
     def _on_dead(self, error: BaseException) -> None:
         """The loop stopped (every accepted request has been answered): report not ready, for good. The model
@@ -211,3 +226,4 @@ class TritonPythonModel:
     def finalize(self) -> None:
         log.info("[tessera] %s: shutting down (%d in flight)", self.name, self.loop.pending)
         self.loop.stop()
+        self.metrics.close()

@@ -25,7 +25,8 @@ def error_response(exc: BaseException, request_id: str = "") -> pb_utils.Inferen
 
 
 def relayed_error(message: str) -> pb_utils.TritonError:
-    """An error message relayed over BLS (which drops the code in 2.51), with its code restored from the
-    class tag; untagged messages are INTERNAL."""
+    """An engine's error relayed over BLS (which drops the code in 2.51), its code restored from the class
+    tag. The engine tags every error it sends; an untagged one is Triton's own (the engine model is not
+    loaded or not ready, its stub is gone): UNAVAILABLE, retry elsewhere."""
     cls = from_message(message)
-    return pb_utils.TritonError(message, _code(cls.status if cls is not None else Status.INTERNAL))
+    return pb_utils.TritonError(message, _code(cls.status if cls is not None else Status.UNAVAILABLE))

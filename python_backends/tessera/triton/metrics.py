@@ -1,10 +1,16 @@
 """The engine's `tessera_*` metrics (Triton custom metrics, labelled by model), fed from the engine's step
-records, its cost model and each final output. Counters advance once per update with the total since the
-last one: every metric call is an IPC to the server on the loop thread."""
+records, its cost model and each final output. Every metric call is an IPC to the server, so the loop
+thread only gathers what changed (no IPC) and a metrics thread applies it; counters advance once per
+update with the total since the last one."""
 
 from __future__ import annotations
 
+import logging
 import math
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import triton_python_backend_utils as pb_utils
 
@@ -14,13 +20,27 @@ from ..plan import RequestOutput
 from ..request import FinishReason
 
 # invalid: bad input; rejected: admission full or not serving; refused: early refusal (deadline cannot be met)
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Update:
+    """What changed since the last update, gathered on the loop thread."""
+
+    totals: tuple[tuple[str, int], ...]  # (counter attribute, increment) over the fresh step records
+    terms: dict[str, float] | None  # the cost model's terms (None: no new steps)
+    mape: float | None
+    gaps: tuple[int, float]  # gaps measured and their seconds since the last update
+    final: RequestOutput | None
+
+
 OUTCOMES = ("completed", "degraded", "dropped", "cancelled", "error", "invalid", "rejected", "refused")
 STEPS_BUCKETS = [1, 2, 4, 8, 10, 15, 20, 25, 30, 40, 50, 75, 100, 150, 200]
 
 
 class EngineMetrics:
-    def __init__(self, model: str, engine: Engine, cost: CostModel):
-        self.engine, self.cost = engine, cost
+    def __init__(self, model: str, engine: Engine, cost: CostModel, pending: Callable[[], int]):
+        self.engine, self.cost, self.pending = engine, cost, pending  # pending: read when applied (never stale)
         self.labels = {"model": model}
         self.families: dict[str, pb_utils.MetricFamily] = {}  # families must outlive their metrics
         counter, gauge = self._counter, self._gauge
@@ -54,6 +74,9 @@ class EngineMetrics:
                       for c in ("early_exit", "degrade")}
         self.exited = counter("tessera_early_exits_total", "Requests ended early by the entropy rule")
         self._seen_step = 0
+        self._updates: queue.SimpleQueue[_Update | None] = queue.SimpleQueue()
+        self._worker = threading.Thread(target=self._apply_updates, name="tessera-metrics", daemon=True)
+        self._worker.start()
 
     def _family(self, name: str, desc: str, kind) -> pb_utils.MetricFamily:
         if name not in self.families:
@@ -70,40 +93,63 @@ class EngineMetrics:
     def count(self, outcome: str, n: int = 1) -> None:
         self.outcome[outcome].increment(n)
 
-    def record_steps(self) -> None:
-        """Counters for the engine steps since the last call; gauges once per call (not per response)."""
+    def update(self, final: RequestOutput) -> None:
+        """On the loop thread: gather the steps since the last update and `final` (no IPC: the metrics thread
+        applies it)."""
         fresh = []
         for r in reversed(self.engine.records):  # newest first: stop at the first record already seen
             if r.step_no < self._seen_step:
                 break
             fresh.append(r)
-        if not fresh:
-            return
-        if (mape := self.cost.predictor.mape) is not None:
-            self.mape.set(mape)
-        for term, value in self.cost.terms().items():
-            self.cost_terms[term].set(value)
-        if self.cost.gaps > self._gaps_seen:
-            self.gaps.increment(self.cost.gaps - self._gaps_seen)
-            self.gap_total.increment(self.cost.gap_total_s - self._gap_total_seen)
+        if fresh:
+            self._seen_step = fresh[0].step_no + 1
+        gaps = (self.cost.gaps - self._gaps_seen, self.cost.gap_total_s - self._gap_total_seen)
         self._gaps_seen, self._gap_total_seen = self.cost.gaps, self.cost.gap_total_s
         totals = (
-            (self.engine_steps, len(fresh)),
-            (self.calls, sum(r.denoiser_calls for r in fresh)),
-            (self.rows, sum(sum(r.batch_per_call) for r in fresh)),
-            (self.resolutions, sum(sum(r.resolutions_per_call) for r in fresh)),
-            (self.requests, sum(sum(r.requests_per_call) for r in fresh)),
-            (self.steps, sum(len(r.request_ids) for r in fresh)),
-            (self.mixed, sum(len(set(r.step_indices)) > 1 for r in fresh)),
+            ("engine_steps", len(fresh)),
+            ("calls", sum(r.denoiser_calls for r in fresh)),
+            ("rows", sum(sum(r.batch_per_call) for r in fresh)),
+            ("resolutions", sum(sum(r.resolutions_per_call) for r in fresh)),
+            ("requests", sum(sum(r.requests_per_call) for r in fresh)),
+            ("steps", sum(len(r.request_ids) for r in fresh)),
+            ("mixed", sum(len(set(r.step_indices)) > 1 for r in fresh)),
         )
-        for metric, n in totals:
-            if n:
-                metric.increment(n)
-        self._seen_step = fresh[0].step_no + 1
+        terms = self.cost.terms() if fresh else None  # gauges move only with steps
+        self._updates.put(_Update(totals, terms, self.cost.predictor.mape if fresh else None, gaps, final))
 
-    def record_final(self, out: RequestOutput, in_flight: int) -> None:
+    def in_flight_changed(self) -> None:
+        """From the execute thread: only the in-flight gauge (the step records belong to the loop thread)."""
+        self._updates.put(_Update((), None, None, (0, 0.0), None))
+
+    def close(self) -> None:
+        self._updates.put(None)
+        self._worker.join(timeout=10)
+
+    def _apply_updates(self) -> None:
+        while (u := self._updates.get()) is not None:
+            try:
+                self._apply(u)
+            except Exception:  # noqa: BLE001 - metrics never stop serving
+                log.exception("[tessera] metrics update failed")
+
+    def _apply(self, u: _Update) -> None:
+        for name, n in u.totals:
+            if n:
+                getattr(self, name).increment(n)
+        if u.terms is not None:
+            for term, value in u.terms.items():
+                self.cost_terms[term].set(value)
+        if u.mape is not None:
+            self.mape.set(u.mape)
+        if u.gaps[0] > 0:
+            self.gaps.increment(u.gaps[0])
+            self.gap_total.increment(u.gaps[1])
+        self.in_flight.set(self.pending())
+        if u.final is not None:
+            self._record_final(u.final)
+
+    def _record_final(self, out: RequestOutput) -> None:
         self.count(out.finish_reason.value if out.finish_reason else "error")
-        self.in_flight.set(in_flight)
         if out.image is not None:
             self.steps_run.observe(out.step_index)
             if saved := max((out.asked_steps or out.step_index) - out.step_index, 0):

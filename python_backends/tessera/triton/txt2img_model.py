@@ -21,7 +21,7 @@ from pathlib import Path
 from ..inputs import parse_request
 from ..spec import PipelineSpec
 from ..wire import ENTRY_INPUT_NAMES, OUTPUT_IMAGE, OUTPUT_STEPS
-from ..errors import OverloadedError
+from ..errors import OverloadedError, ShutdownError
 from .common import input_or_none, int_param, parameters, setup_logging
 from .errors import error_response, relayed_error
 
@@ -89,8 +89,10 @@ class TritonPythonModel:
                     error=pb_utils.TritonError(f"{self.engine}: finished without an image", pb_utils.TritonError.INTERNAL)
                 )
         except Exception as e:  # noqa: BLE001 - every request gets its one response
-            log.exception("[tessera] %s: forwarding failed", self.name)
-            answer = error_response(e)
+            # BLS itself failed (the engine is not loaded, not ready, or its stub is gone): retry elsewhere
+            log.warning("[tessera] %s: forwarding to %s failed: %s", self.name, self.engine, e)
+            answer = error_response(ShutdownError(f"{self.engine}: not reachable ({e}); allowed: retry on another "
+                                                  "instance"))
         with self.lock:
             self.in_flight -= 1
         sender.send(answer, flags=final)
