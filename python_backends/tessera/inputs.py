@@ -7,6 +7,7 @@ that order, and stop at the first problem; each error names the field and what i
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
@@ -76,6 +77,10 @@ def _text(field: str, raw: object, limits: Limits, allow_empty: bool) -> str:
         raise InvalidInputError(field, "not valid UTF-8", "UTF-8 text", f"invalid byte at {e.start}") from e
     if not allow_empty and not text.strip():
         raise InvalidInputError(field, "empty", "a non-empty text", "an empty string")
+    if not allow_empty and not any(unicodedata.category(ch)[0] not in "CZ" for ch in text):
+        # only whitespace, control or format characters (NUL, zero-width spaces, ...): nothing to draw
+        raise InvalidInputError(field, "no visible characters", "text with at least one visible character",
+                                " ".join(f"U+{ord(ch):04X}" for ch in text[:8]))
     return text
 
 

@@ -46,6 +46,8 @@ def test_inputs_batch_gives_one_params_per_item():
         ("guidance_scale", dict(guidance_scale=float("nan")), "[0.0, 30.0]"),
         ("prompt", dict(prompt=""), "empty"),
         ("prompt", dict(prompt="   "), "empty"),
+        ("prompt", dict(prompt="\x00"), "no visible characters"),
+        ("prompt", dict(prompt="\u200b\t\u200d"), "no visible characters"),
         ("prompt", dict(prompt="x" * 5000), "at most 4096"),
         ("seed", dict(seed=-1), "[0, 9223372036854775807]"),
         ("slo_ms", dict(slo_ms=0), "[1, 3600000]"),
