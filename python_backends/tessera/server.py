@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RuntimeUnavailableError, TesseraError
-from .wire import WARMUP_SAMPLE
+from .wire import SERVER_HTTP_ENV, WARMUP_SAMPLE
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,14 @@ class TritonServer:
             *self.extra_args,
         ]
 
+    def _env(self) -> dict[str, str]:
+        """The server's environment, plus its own HTTP address for the models (explicit model control: an
+        engine whose loop stopped marks itself not ready through the repository API, tessera.triton)."""
+        env = server_env()
+        if self.staged:
+            env[SERVER_HTTP_ENV] = self.http_url
+        return env
+
     def _staging_args(self) -> list[str]:
         if not self.staged:
             return []
@@ -149,7 +157,7 @@ class TritonServer:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
         log.info("[tessera] starting tritonserver: %s", " ".join(cmd))
         self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True,
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self._env(), start_new_session=True,
             preexec_fn=_die_with_parent,
         )
         try:

@@ -40,6 +40,7 @@ ENTRY_INPUTS: tuple[InputSpec, ...] = (
 ENTRY_INPUT_NAMES = tuple(s.name for s in ENTRY_INPUTS)
 OUTPUT_PREVIEW = "preview"  # engine only: UINT8 [1, h, w, 3] latent-resolution preview with progress
 STREAM_INPUTS = ("progress", "preview")  # engine only, optional BOOL [batch, 1]
+SERVER_HTTP_ENV = "TESSERA_TRITON_HTTP"  # host:port of the server's HTTP endpoint, set by tessera serve
 WARMUP_SAMPLE = "tessera_warmup"  # the engine's model_warmup sample (marks engine models in a repository)
 ENTRY_MAX_BATCH = 4
 

@@ -10,9 +10,14 @@ and the cost model profiled (in `initialize` for the local executor; for BLS, wh
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import os
+import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,13 +42,30 @@ from ..profile import default_sizes, profile_costs
 from ..request import RequestState
 from ..scheduler import make_policy
 from ..spec import PipelineSpec
-from ..wire import ENTRY_INPUT_NAMES, OUTPUT_IMAGE, OUTPUT_PREVIEW, OUTPUT_STEPS, STREAM_INPUTS
+from ..wire import ENTRY_INPUT_NAMES, OUTPUT_IMAGE, OUTPUT_PREVIEW, OUTPUT_STEPS, SERVER_HTTP_ENV, STREAM_INPUTS
 from .common import input_or_none, parameters, setup_logging
 from .errors import error_response, triton_error
 from .metrics import EngineMetrics
 
 log = logging.getLogger("tessera.triton.engine")
 NOT_READY = "tessera_marked_not_ready"  # a backend that does not exist: the marker model fails to load
+
+
+def _mark_not_ready(server: str, model: str, reason_b64: str) -> None:
+    """Load the failing marker, then unload `model`, through the repository API of `server` (host:port)."""
+    marker = {"parameters": {"config": json.dumps({"backend": NOT_READY}), "file:1/REASON": reason_b64}}
+    for name, body in ((f"{model}_not_ready", marker), (model, {})):
+        action = "load" if body else "unload"
+        request = urllib.request.Request(f"http://{server}/v2/repository/models/{name}/{action}",
+                                         data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(request, timeout=60).close()
+        except urllib.error.HTTPError as e:  # the marker's load fails: that is its purpose
+            if body is not marker:
+                log.error("[tessera] %s: unloading itself failed: %s", model, e.read().decode(errors="replace"))
+        except OSError as e:
+            log.error("[tessera] %s: repository API unreachable (%s): not marked not ready", model, e)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,19 +231,26 @@ class TritonPythonModel:
             client.sender.send(pb_utils.InferenceResponse(error=triton_error(error, client.client_id)), flags=final)
 
     def _on_dead(self, error: BaseException) -> None:
-        """The loop stopped (every accepted request has been answered): report not ready, for good. The model
-        unloads itself, and first loads a marker `<name>_not_ready` that cannot load (an unknown backend):
-        an unloaded model alone stops counting against /v2/health/ready within a second, a failed one does
-        not, so the server stays not ready until restarted (a load balancer or Kubernetes sees it). Needs
-        explicit model control (`tessera serve` uses it); under `--model-control-mode=none` Triton refuses
-        both calls and only `tessera_engine_ready` drops to 0."""
+        """The loop stopped (every accepted request has been answered): report not ready, for good. Through
+        the server's repository API (over HTTP, on a thread of its own: the unload waits for this model's
+        finalize) it loads a marker `<name>_not_ready` that cannot load (an unknown backend), then unloads
+        this model: an unloaded model alone stops counting against /v2/health/ready within a second, a
+        failed one does not, so the server stays not ready until restarted (a load balancer or Kubernetes
+        sees it). The same two calls made from the stub (pb_utils.load_model / unload_model) left it hung
+        in about one run in three. Needs explicit model control and the server's address (`tessera serve`
+        provides both); otherwise only this model is unloaded, if Triton allows it, and
+        `tessera_engine_ready` drops to 0."""
+        self.metrics.close()  # no metric IPC from another thread from here on
         self.metrics.ready.set(0)
+        server = os.environ.get(SERVER_HTTP_ENV)
+        if server:
+            reason = base64.b64encode(f"engine loop stopped: {type(error).__name__}".encode()).decode()
+            threading.Thread(target=_mark_not_ready, args=(server, self.name, reason), daemon=True).start()
+            return
         try:
-            pb_utils.load_model(model_name=f"{self.name}_not_ready", config=json.dumps({"backend": NOT_READY}),
-                                files={"file:1/REASON": f"engine loop stopped: {type(error).__name__}".encode()})
-        except pb_utils.TritonModelException:
-            pass  # expected: the marker fails to load, which is its purpose
-        pb_utils.unload_model(self.name)
+            pb_utils.unload_model(self.name)
+        except pb_utils.TritonModelException as e:
+            log.error("[tessera] %s: cannot unload itself (%s); only tessera_engine_ready reports it", self.name, e)
 
     def finalize(self) -> None:
         log.info("[tessera] %s: shutting down (%d in flight)", self.name, self.loop.pending)

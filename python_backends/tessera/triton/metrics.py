@@ -32,6 +32,7 @@ class _Update:
     mape: float | None
     gaps: tuple[int, float]  # gaps measured and their seconds since the last update
     final: RequestOutput | None
+    outcome: str | None = None  # a request answered outside the engine (invalid, rejected, refused)
 
 
 OUTCOMES = ("completed", "degraded", "dropped", "cancelled", "error", "invalid", "rejected", "refused")
@@ -90,8 +91,9 @@ class EngineMetrics:
         return self._family(name, desc, pb_utils.MetricFamily.GAUGE).Metric(labels={**self.labels, **extra})
 
     # -- updates --------------------------------------------------------------------------------------
-    def count(self, outcome: str, n: int = 1) -> None:
-        self.outcome[outcome].increment(n)
+    def count(self, outcome: str) -> None:
+        """From the execute thread: one request answered outside the engine (applied on the metrics thread)."""
+        self._updates.put(_Update((), None, None, (0, 0.0), None, outcome))
 
     def update(self, final: RequestOutput) -> None:
         """On the loop thread: gather the steps since the last update and `final` (no IPC: the metrics thread
@@ -122,6 +124,7 @@ class EngineMetrics:
         self._updates.put(_Update((), None, None, (0, 0.0), None))
 
     def close(self) -> None:
+        """Apply what is queued and stop the metrics thread (later updates are dropped)."""
         self._updates.put(None)
         self._worker.join(timeout=10)
 
@@ -145,11 +148,13 @@ class EngineMetrics:
             self.gaps.increment(u.gaps[0])
             self.gap_total.increment(u.gaps[1])
         self.in_flight.set(self.pending())
+        if u.outcome is not None:
+            self.outcome[u.outcome].increment(1)
         if u.final is not None:
             self._record_final(u.final)
 
     def _record_final(self, out: RequestOutput) -> None:
-        self.count(out.finish_reason.value if out.finish_reason else "error")
+        self.outcome[out.finish_reason.value if out.finish_reason else "error"].increment(1)
         if out.image is not None:
             self.steps_run.observe(out.step_index)
             if saved := max((out.asked_steps or out.step_index) - out.step_index, 0):
