@@ -80,13 +80,18 @@ def closed_loop(server, model: str, jobs: list[tuple[int, int, int]], clients: i
             "throughput_img_s": len(latencies) / wall, "latency_s": latencies}
 
 
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m perf.batching", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--requests", type=int, default=24, help="requests per variant")
+    ap.add_argument("--clients", type=int, default=6, help="closed-loop clients, each sending back to back")
+    ap.add_argument("--steps", type=int, default=10, help="denoising steps per request")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the requests' size sequence")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--requests", type=int, default=24, help="per variant")
-    ap.add_argument("--clients", type=int, default=6)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     from tessera.server import TritonServer
     from tessera_export.repository import add_engine

@@ -19,21 +19,28 @@ from pathlib import Path
 import numpy as np
 
 from perf.common import RESULTS, write_result
+from tessera.options import PolicyName
 
 SIZES = ((64, 64), (64, 128), (128, 128))
 MODES = ("off", "on")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="quality_models")
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m perf.early_exit_load", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--models", default="quality_models", help="directory holding heavy/ (the reference)")
     ap.add_argument("--loads", default="0.8,1.2,1.8", help="offered load, multiples of the early-exit-off capacity")
-    ap.add_argument("--duration", type=float, default=30.0)
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--slo-scale", type=float, default=5.0)
-    ap.add_argument("--policy", default="rounds")
-    ap.add_argument("--seed", type=int, default=7)
-    args = ap.parse_args(argv)
+    ap.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per load")
+    ap.add_argument("--steps", type=int, default=50, help="denoising steps asked per request")
+    ap.add_argument("--slo-scale", type=float, default=5.0, help="SLO per size = k x its isolated latency")
+    ap.add_argument("--policy", default=PolicyName.ROUNDS.value, choices=[m.value for m in PolicyName],
+                    help="scheduling policy of both engines")
+    ap.add_argument("--seed", type=int, default=7, help="trace seed (seed + i for the i-th load)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     import torch
 

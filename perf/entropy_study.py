@@ -24,13 +24,19 @@ EPSILONS = (0.002, 0.005, 0.01, 0.02, 0.05)
 WINDOWS = (1, 2, 3)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m perf.entropy_study", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--models", default="quality_models", help="directory holding heavy/ (the reference)")
+    ap.add_argument("--steps", type=int, default=50, help="full-step denoising steps")
+    ap.add_argument("--seeds", type=int, default=2, help="seeds per prompt (48 prompts each)")
+    ap.add_argument("--min-fraction", type=float, default=0.3,
+                    help="exit rule: no stop before this fraction of the steps")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="quality_models")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--min-fraction", type=float, default=0.3)
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     import torch
     from transformers import CLIPTokenizer

@@ -185,23 +185,36 @@ def step_latency(pipeline, denoiser, sizes, batch: int, repeats: int, device: st
     return 1e3 * statistics.median(times)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m perf.gpu", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    ap.add_argument("--out", help="result JSON (default: perf/results/gpu-batching.json on cuda, a temp dir "
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m perf.gpu", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cuda: the check; cpu: a tiny case into a temp dir (CI)")
+    ap.add_argument("--out", help="result JSON (none: perf/results/gpu-batching.json on cuda, a temp dir "
                                   "on cpu); the PNG is written next to it")
-    ap.add_argument("--pipeline", help="diffusers pipeline directory (default: the tiny UNet, built here)")
-    ap.add_argument("--sizes", help="HxW pixel sizes, mixed in the workload (default: per device)")
-    ap.add_argument("--steps", type=int, help="denoising steps per request")
-    ap.add_argument("--requests", type=int, help="requests per executor in the throughput pass")
-    ap.add_argument("--batches", help="batch sizes (requests) of the per-step latency sweep, e.g. 1,2,4,8,16")
-    ap.add_argument("--repeats", type=int, help="timed denoiser runs per latency point (median reported)")
+    ap.add_argument("--pipeline", help="diffusers pipeline directory (none: the tiny UNet, built here)")
+
+    def per_device(key: str) -> str:
+        return f"(none: {DEFAULTS['cuda'][key]} on cuda, {DEFAULTS['cpu'][key]} on cpu)"
+
+    ap.add_argument("--sizes", help="HxW pixel sizes, mixed in the workload " + per_device("sizes"))
+    ap.add_argument("--steps", type=int, help="denoising steps per request " + per_device("steps"))
+    ap.add_argument("--requests", type=int,
+                    help="requests per executor in the throughput pass " + per_device("requests"))
+    ap.add_argument("--batches", help="batch sizes (requests) of the per-step latency sweep "
+                    + per_device("batches"))
+    ap.add_argument("--repeats", type=int, help="timed denoiser runs per latency point, median reported "
+                    + per_device("repeats"))
     ap.add_argument("--max-batch", type=int, default=16, help="StepFcfsPolicy max_batch (requests per step)")
     ap.add_argument("--tile", type=int, default=0, help="tiled: tile edge in latent cells (0: smallest edge)")
     ap.add_argument("--overlap", type=int, default=-1, help="tiled: overlap in latent cells (-1: tile // 2)")
     ap.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="fp16 only with --device cuda")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the requests")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     for k, v in DEFAULTS[args.device].items():
         if getattr(args, k) is None:
             setattr(args, k, v)

@@ -24,15 +24,20 @@ from pathlib import Path
 from perf.common import RESULTS, tiny_unet_repo, write_result
 
 
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m perf.overhead", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--runs", type=int, default=9, help="timed rounds (each variant once per round)")
+    ap.add_argument("--height", type=int, default=256, help="pixels")
+    ap.add_argument("--width", type=int, default=256, help="pixels")
+    ap.add_argument("--steps", type=int, default=20, help="denoising steps")
+    ap.add_argument("--guidance", type=float, default=7.5, help="guidance scale (> 1: CFG)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=9)
-    ap.add_argument("--height", type=int, default=256)
-    ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=7.5)
-    ap.add_argument("--warmup", type=int, default=2)
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     import torch
 

@@ -29,17 +29,21 @@ def _pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m perf.overload", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of offered load per run")
     ap.add_argument("--load", type=float, default=3.0, help="offered load, x capacity")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--policy", default="rounds", choices=("slack", "rounds"))
+    ap.add_argument("--steps", type=int, default=20, help="denoising steps per request")
+    ap.add_argument("--policy", default="rounds", choices=("slack", "rounds"), help="policy of every engine")
     ap.add_argument("--max-in-flight", type=int, default=256, help="admission bound")
-    ap.add_argument("--seed", type=int, default=99)
+    ap.add_argument("--seed", type=int, default=99, help="trace seed")
     ap.add_argument("--name", default="overload", help="result file name")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from tessera.bench.loadgen import replay, summarize
     from tessera.bench.traces import poisson

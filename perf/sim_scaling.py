@@ -18,13 +18,19 @@ from perf.common import RESULTS, write_result
 from perf.slo import SIZES, simulate_variant
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser()
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m perf.sim_scaling", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--loads", default="0.9,1.0,1.1,1.3", help="offered load per instance, x one instance's capacity")
-    ap.add_argument("--instances", default="1,2,4,8")
-    ap.add_argument("--duration", type=float, default=30.0)
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--instances", default="1,2,4,8", help="engine instance counts, comma-separated")
+    ap.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per trace")
+    ap.add_argument("--seeds", type=int, default=3, help="traces per load and instance count (>= 1)")
     ap.add_argument("--calibration", default="rounds@1", help="POLICY@LOAD of the slo.json run whose served costs are used")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.seeds < 1:
         ap.error(f"--seeds: allowed >= 1, got {args.seeds}")

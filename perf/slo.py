@@ -83,19 +83,27 @@ def served_state(url: str, model: str) -> dict:
             "gaps": scrape(url, "tessera_step_gaps_total", model) or 0.0}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser()
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m perf.slo", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--loads", default="0.6,0.9,1.0,1.05,1.1,1.3", help="offered load as multiples of capacity")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per run")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--slo-scale", type=float, default=5.0)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=20, help="denoising steps per request")
+    ap.add_argument("--slo-scale", type=float, default=5.0, help="SLO per size = k x its isolated latency")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the first trace")
     ap.add_argument("--seeds", type=int, default=3, help="traces per load (seeds seed+i, +1000, +2000, ...); "
                     "SAR is pooled over them: near capacity one 30 s trace decides too much")
-    ap.add_argument("--overload-s", type=float, default=60.0)
-    ap.add_argument("--max-in-flight", type=int, default=48)
-    ap.add_argument("--policies", default=",".join(POLICIES), help="subset of the benchmarked variants")
+    ap.add_argument("--overload-s", type=float, default=60.0,
+                    help="seconds of the 3x overload phase (0: none)")
+    ap.add_argument("--max-in-flight", type=int, default=48, help="engines' admission bound")
+    ap.add_argument("--policies", default=",".join(POLICIES),
+                    help="comma-separated subset of the benchmarked variants")
     ap.add_argument("--tag", default="", help="suffix of the result files (slo-TAG.json, sim-TAG.json)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.seeds < 1:
         ap.error(f"--seeds: allowed >= 1, got {args.seeds}")

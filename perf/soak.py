@@ -85,17 +85,21 @@ def counter(server, name: str, model: str, **labels) -> float:
                if lab.get("model") == model and all(lab.get(k) == x for k, x in labels.items()))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m perf.soak", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--streams", type=int, default=1000, help="cancelled streams (phase 1)")
     ap.add_argument("--minutes", type=float, default=20.0, help="mixed open-loop load (phase 2)")
     ap.add_argument("--load", type=float, default=0.9, help="offered load, x capacity")
     ap.add_argument("--fault-share", type=float, default=0.1, help="share of requests with a fault marker")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=20, help="denoising steps per request")
     ap.add_argument("--sample-s", type=float, default=5.0, help="memory sampling period")
-    ap.add_argument("--seed", type=int, default=7)
-    args = ap.parse_args(argv)
+    ap.add_argument("--seed", type=int, default=7, help="seed of the trace and the fault markers")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from tessera.bench.loadgen import replay, summarize
     from tessera.bench.traces import poisson

@@ -12,12 +12,17 @@ DEMO_SIZES = ((128, 128), (256, 256), (128, 256))  # (height, width)
 DEMO_PROMPT = "a red circle at top left"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tessera.demo")
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m tessera.demo", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", default="demo_out", help="PNGs and the tiny pipeline go here")
     ap.add_argument("--repo", default="model_repository", help="the Triton model repository to write")
-    ap.add_argument("--steps", type=int, default=20)
-    args = ap.parse_args(argv)
+    ap.add_argument("--steps", type=int, default=20, help="denoising steps per image")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     import torch
     from PIL import Image

@@ -1,8 +1,9 @@
 """`tessera train-reference`: train the evaluator, the VAE and the heavy/light generators from fixed seeds.
 
 Every stage is bounded by steps and by wall-clock, checkpoints to `work_dir` and resumes from there.
-The finished pipelines are saved with `save_pretrained` (fp16 weights, loaded as fp32) so that they
-export and serve like any other diffusers pipeline.
+The finished pipelines are saved with `save_pretrained` in fp32 (values rounded through fp16), the dtype
+they are exported and served in, so that a plain `DiffusionPipeline.from_pretrained(dir)` loads every
+component in one dtype and they export and serve like any other diffusers pipeline.
 """
 
 from __future__ import annotations
@@ -280,7 +281,9 @@ def save_pipeline(out: Path, vae, nets, tok) -> Path:
         unet=copy.deepcopy(nets["unet"]), scheduler=M.sampler(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    # Stored in fp32 so that a plain from_pretrained loads one dtype; the values are rounded through fp16 as
+    # they always were, so a run on the recorded checkpoint still writes the committed weights byte for byte.
+    pipe.to(torch.float16).to(torch.float32).save_pretrained(out, safe_serialization=True)
     return out
 
 
