@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .errors import TesseraError
-from .options import EarlyRefusal, OnHopeless, PolicyName
+from .options import DenoiseMode, EarlyRefusal, Executor, OnHopeless, PolicyName, Runtime
 
 
 def _cmd_build_tiny(a: argparse.Namespace) -> int:
@@ -152,22 +152,33 @@ def _single_thread() -> None:
     torch.set_num_threads(1)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every `--help` lists each option's choices and default; subcommands' parsers are of this class too
+    (add_subparsers makes them with the parent's class), so a new subcommand gets it without asking."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tessera", description="SLO-aware text-to-image serving on Triton")
+    p = _Parser(prog="tessera", description="SLO-aware text-to-image serving on Triton")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     b = sub.add_parser("build-tiny", help="build a tiny random-weight diffusers pipeline offline")
-    b.add_argument("dir")
-    b.add_argument("--kind", choices=["unet", "dit"], default="unet")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("dir", help="where the pipeline is written (save_pretrained)")
+    b.add_argument("--kind", choices=["unet", "dit"], default="unet",
+                   help="unet: Stable-Diffusion-style UNet; dit: SD3-style transformer")
+    b.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     b.set_defaults(fn=_cmd_build_tiny)
 
     e = sub.add_parser("export", help="export a local diffusers pipeline into a Triton model repository")
-    e.add_argument("pipeline_dir")
-    e.add_argument("--repo", required=True)
-    e.add_argument("--target", choices=["cpu", "gpu"], default="cpu")
+    e.add_argument("pipeline_dir", help="a local diffusers pipeline directory")
+    e.add_argument("--repo", required=True, help="the Triton model repository to write")
+    e.add_argument("--target", choices=["cpu", "gpu"], default="cpu",
+                   help="cpu: ONNX Runtime components; gpu: TensorRT plans (needs TensorRT and a CUDA GPU)")
     e.add_argument("--prefix", default="", help="prefix for every model name (several pipelines in one repo)")
-    e.add_argument("--executor", choices=["bls", "local"], default="bls",
+    e.add_argument("--executor", choices=[m.value for m in Executor], default=Executor.BLS.value,
                    help="engine calls components over BLS, or runs their ONNX files in-process")
     e.add_argument("--policy", choices=[m.value for m in PolicyName], default=PolicyName.ROUNDS.value,
                    help="request scheduling policy (default: %(default)s, the best full-step policy measured)")
@@ -178,43 +189,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slack/rounds: refuse at admission a request the plan sets aside (on), or also one that "
                         "would push an admitted request out (strict), or only once hopeless (off) "
                         "(default: %(default)s)")
-    e.add_argument("--denoiser-runtime", choices=["ort", "torch"], default="ort")
-    e.add_argument("--denoise-mode", choices=["concat", "patches", "tiled"], default="concat",
+    e.add_argument("--denoiser-runtime", choices=[m.value for m in Runtime], default=Runtime.ORT.value,
+                   help="runtime of the engine's denoiser calls (patches needs torch)")
+    e.add_argument("--denoise-mode", choices=[m.value for m in DenoiseMode], default=DenoiseMode.CONCAT.value,
                    help="per-step batching: per resolution, exact patches (torch), or fixed tiles")
     e.add_argument("--patch-size", type=int, default=0, help="latent cells; 0 = GCD of the step's sizes")
-    e.add_argument("--tile-size", type=int, default=16)
-    e.add_argument("--tile-overlap", type=int, default=4)
+    e.add_argument("--tile-size", type=int, default=16, help="tiled: tile edge in latent cells")
+    e.add_argument("--tile-overlap", type=int, default=4,
+                   help="tiled: overlap of neighbouring tiles in latent cells")
     e.add_argument("--max-batch", type=int, default=16, help="requests per engine step")
     e.add_argument("--max-in-flight", type=int, default=256, help="admission bound")
-    e.add_argument("--min-size", type=int, default=64)
-    e.add_argument("--max-size", type=int, default=512)
-    e.add_argument("--max-steps", type=int, default=200)
+    e.add_argument("--min-size", type=int, default=64, help="smallest height/width served, pixels")
+    e.add_argument("--max-size", type=int, default=512, help="largest height/width served, pixels")
+    e.add_argument("--max-steps", type=int, default=200, help="most denoising steps a request may ask for")
     e.add_argument("--tolerance", type=float, default=1e-3, help="max abs diff ONNX vs torch")
     e.set_defaults(fn=_cmd_export)
 
     s = sub.add_parser("serve", help="run the embedded tritonserver on a repository")
-    s.add_argument("--repo", required=True)
-    s.add_argument("--address", default="127.0.0.1")
+    s.add_argument("--repo", required=True, help="the Triton model repository to serve")
+    s.add_argument("--address", default="127.0.0.1", help="address the server listens on")
     s.add_argument("--http-port", type=int, default=0, help="0: a free port")
-    s.add_argument("--grpc-port", type=int, default=0)
-    s.add_argument("--metrics-port", type=int, default=0)
-    s.add_argument("--log", default=None, help="server log file")
-    s.add_argument("--ready-timeout", type=float, default=300.0)
+    s.add_argument("--grpc-port", type=int, default=0, help="0: a free port")
+    s.add_argument("--metrics-port", type=int, default=0, help="0: a free port")
+    s.add_argument("--log", default=None,
+                   help="server log file (none: tritonserver-PORT.log beside the repository, printed)")
+    s.add_argument("--ready-timeout", type=float, default=300.0,
+                   help="seconds to wait until the server is ready")
     s.set_defaults(fn=_cmd_serve)
 
     g = sub.add_parser("generate", help="generate one image through a running server")
-    g.add_argument("--url", default="127.0.0.1:8000")
-    g.add_argument("--protocol", choices=["http", "grpc"], default="http")
-    g.add_argument("--model", default="txt2img")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--height", type=int, default=128)
-    g.add_argument("--width", type=int, default=128)
-    g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--guidance-scale", type=float, default=5.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--slo-ms", type=int, default=None)
-    g.add_argument("--out", default="image.png")
+    g.add_argument("--url", default="127.0.0.1:8000", help="server address, HOST:PORT of the chosen protocol")
+    g.add_argument("--protocol", choices=["http", "grpc"], default="http", help="Triton client protocol")
+    g.add_argument("--model", default="txt2img", help="entry model to call")
+    g.add_argument("--prompt", required=True, help="UTF-8 text, at most 77 CLIP tokens")
+    g.add_argument("--negative-prompt", default=None, help="text to steer away from (none: not sent)")
+    g.add_argument("--height", type=int, default=128, help="pixels, a multiple of 16 within the served range")
+    g.add_argument("--width", type=int, default=128, help="pixels, a multiple of 16 within the served range")
+    g.add_argument("--steps", type=int, default=20, help="denoising steps")
+    g.add_argument("--guidance-scale", type=float, default=5.0,
+                   help="classifier-free guidance; > 1 enables it")
+    g.add_argument("--seed", type=int, default=0, help="noise seed")
+    g.add_argument("--slo-ms", type=int, default=None,
+                   help="deadline after arrival (none: the engine's slo_scale x profiled latency)")
+    g.add_argument("--out", default="image.png", help="PNG file to write")
     g.add_argument("--early-exit", default="server", choices=("server", "on", "off"),
                    help="entropy early exit for this request (server: the engine's default)")
     g.set_defaults(fn=_cmd_generate)
@@ -222,24 +239,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("out", help="where the heavy/light pipelines and evaluator.pt are written")
     t.add_argument("--work", default=".tessera_cache/train", help="checkpoints to resume from")
     t.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget shared by the stages")
-    t.add_argument("--stages", default="evaluator,vae,heavy,light")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--stages", default="evaluator,vae,heavy,light",
+                   help="comma-separated subset of evaluator, vae, heavy, light (run in that order)")
+    t.add_argument("--seed", type=int, default=0, help="seed of every stage")
     t.set_defaults(fn=_cmd_train_reference)
 
     bn = sub.add_parser("bench", help="open-loop load generator (Poisson or bursty), SLO attainment report")
     bn.add_argument("--url", default="127.0.0.1:8001", help="gRPC address")
-    bn.add_argument("--model", default="txt2img")
+    bn.add_argument("--model", default="txt2img", help="model to call (engine with --stream)")
     bn.add_argument("--stream", action="store_true", help="one gRPC stream to a decoupled model (the engine)")
     bn.add_argument("--rate", type=float, default=1.0, help="Poisson arrivals per second")
-    bn.add_argument("--duration", type=float, default=30.0)
+    bn.add_argument("--duration", type=float, default=30.0, help="seconds of Poisson arrivals")
     bn.add_argument("--bursty", default=None, help="LOW,HIGH QPS band: Azure-shaped bursty trace instead")
     bn.add_argument("--sizes", default="128x128,128x256,256x256", help="HxW,...")
-    bn.add_argument("--shares", default=None, help="relative shares of the sizes (default equal)")
-    bn.add_argument("--steps", type=int, default=20)
+    bn.add_argument("--shares", default=None, help="relative shares of the sizes, A,B,... (none: equal)")
+    bn.add_argument("--steps", type=int, default=20, help="denoising steps per request")
     bn.add_argument("--slo-ms", type=float, default=5000.0, help="deadline sent with every request")
-    bn.add_argument("--seed", type=int, default=0)
-    bn.add_argument("--trace-out", default=None)
-    bn.add_argument("--trace-in", default=None)
+    bn.add_argument("--seed", type=int, default=0, help="trace seed")
+    bn.add_argument("--trace-out", default=None, help="save the trace to this JSON file")
+    bn.add_argument("--trace-in", default=None, help="replay this saved trace instead of generating one")
     bn.add_argument("--perf-analyzer", default=None, help="write perf_analyzer input files to DIR and exit")
     bn.add_argument("--out", default=None, help="result JSON path")
     bn.set_defaults(fn=_cmd_bench)
@@ -249,11 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--name", default="baseline", help="label of the run (server models, logs)")
     q.add_argument("--set", default="baseline", choices=("baseline", "early-exit"),
                    help="baseline: heavy/light x steps; early-exit: epsilon x window x last step on heavy")
-    q.add_argument("--result", default=None, help="result file name (default: per set)")
-    q.add_argument("--out", default="perf/results")
+    q.add_argument("--result", default=None, help="result file name (none: per set)")
+    q.add_argument("--out", default="perf/results", help="directory of the result file")
     q.add_argument("--no-inception", action="store_true", help="skip Inception FID/KID (slowest features)")
     q.add_argument("--feature-threads", type=int, default=1, help="torch threads for feature extraction")
     q.set_defaults(fn=_cmd_quality)
+
+    from . import openai_front
+
+    o = sub.add_parser("openai", help="OpenAI-compatible images API (/v1/images/generations) in front of a server")
+    openai_front.add_arguments(o)
+    o.set_defaults(fn=openai_front.run)
     return p
 
 
