@@ -19,6 +19,29 @@ PROMPT = "a red circle at top left"
 SIZES = ((128, 128), (128, 192), (192, 128))  # (height, width): three resolutions, latents 16x16, 16x24, 24x16
 
 
+def metric(server, name: str, model: str, **labels) -> float:
+    """The value of one `tessera_*` sample of `model` (labels in export order), 0 when absent."""
+    import urllib.request
+
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    want = name + "{" + ",".join([f'model="{model}"'] + [f'{k}="{v}"' for k, v in labels.items()]) + "}"
+    for line in text.splitlines():
+        if line.startswith(want):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def wait_for(pred, timeout_s: float = 120.0, what: str = "condition") -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 @pytest.fixture(scope="session")
 def work_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tessera")

@@ -10,28 +10,10 @@ import urllib.request
 import numpy as np
 import pytest
 
-from conftest import PROMPT
+from conftest import PROMPT, metric, wait_for
 from tessera.client import infer_image, infer_inputs, make_client, request_arrays
 
 pytestmark = pytest.mark.integration
-
-
-def metric(server, name: str, model: str, **labels) -> float:
-    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-    want = name + "{" + ",".join([f'model="{model}"'] + [f'{k}="{v}"' for k, v in labels.items()]) + "}"
-    for line in text.splitlines():
-        if line.startswith(want):
-            return float(line.split()[-1])
-    return 0.0
-
-
-def wait_for(pred, timeout_s: float = 120.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Stream:

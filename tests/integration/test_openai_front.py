@@ -14,9 +14,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import PROMPT
+from conftest import PROMPT, metric, wait_for
 from tessera.client import infer, make_client, request_arrays
-from test_engine_serving import metric, wait_for
 
 pytestmark = pytest.mark.integration
 openai = pytest.importorskip("openai")

@@ -37,6 +37,9 @@ class _Update:
 
 OUTCOMES = ("completed", "degraded", "dropped", "cancelled", "error", "invalid", "rejected", "refused")
 STEPS_BUCKETS = [1, 2, 4, 8, 10, 15, 20, 25, 30, 40, 50, 75, 100, 150, 200]
+# seconds from arrival to answer: tiny CPU models answer in tens of ms, a drop can come at once, and a
+# GPU generation of a large image takes seconds to a minute
+DURATION_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300]
 
 
 class EngineMetrics:
@@ -71,6 +74,12 @@ class EngineMetrics:
         fam = self._family("tessera_steps_run", "Denoising steps run per answered request (early exit, degrade)",
                            pb_utils.MetricFamily.HISTOGRAM)
         self.steps_run = fam.Metric(labels=self.labels, buckets=STEPS_BUCKETS)
+        fam = self._family("tessera_request_duration_seconds",
+                           "End-to-end latency of requests the engine answered, arrival to answer (engine clock), "
+                           "by outcome; requests answered at admission (invalid, rejected, refused) are only in "
+                           "tessera_requests_total", pb_utils.MetricFamily.HISTOGRAM)
+        self.duration = {r.value: fam.Metric(labels={**self.labels, "outcome": r.value}, buckets=DURATION_BUCKETS)
+                         for r in FinishReason}
         self.saved = {c: counter("tessera_steps_saved_total", "Steps asked for but not run, by cause", cause=c)
                       for c in ("early_exit", "degrade")}
         self.exited = counter("tessera_early_exits_total", "Requests ended early by the entropy rule")
@@ -154,7 +163,10 @@ class EngineMetrics:
             self._record_final(u.final)
 
     def _record_final(self, out: RequestOutput) -> None:
-        self.outcome[out.finish_reason.value if out.finish_reason else "error"].increment(1)
+        outcome = out.finish_reason.value if out.finish_reason else "error"
+        self.outcome[outcome].increment(1)
+        if out.arrival_s is not None and out.done_s is not None:  # both on the engine's clock (none: never admitted)
+            self.duration[outcome].observe(max(out.done_s - out.arrival_s, 0.0))
         if out.image is not None:
             self.steps_run.observe(out.step_index)
             if saved := max((out.asked_steps or out.step_index) - out.step_index, 0):
