@@ -4,8 +4,6 @@ cancellation of many streamed requests, exact patch batching, all over tritoncli
 from __future__ import annotations
 
 import queue
-import time
-import urllib.request
 
 import numpy as np
 import pytest
