@@ -227,11 +227,24 @@ class Event:
 
 @dataclass(slots=True)
 class Generation:
-    """The Triton requests of one HTTP request on one gRPC stream; `cancel()` drops them all."""
+    """The Triton requests of one HTTP request on one gRPC stream. `close()` (idempotent) cancels what is
+    still unanswered and runs `on_close` once, however the HTTP exchange ended."""
 
     events: AsyncIterator[Event]
     cancel: Callable[[], None]
+    n: int
     done: set[int] = field(default_factory=set)
+    on_close: Callable[[], None] | None = None
+    closed: bool = False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if len(self.done) < self.n:
+            self.cancel()
+        if self.on_close is not None:
+            self.on_close()
 
 
 class TritonImages:
@@ -317,7 +330,7 @@ class TritonImages:
             closed.set()
             it.cancel()
 
-        gen = Generation(events(), cancel)
+        gen = Generation(events(), cancel, req.n)
         return gen
 
     async def close(self) -> None:
@@ -331,6 +344,22 @@ def create_app(triton: TritonImages, defaults: FrontDefaults = FrontDefaults(), 
     app = FastAPI(title="Tessera images API (OpenAI-compatible)")
     state = {"in_flight": 0}
 
+    def release() -> None:
+        state["in_flight"] -= 1
+
+    class _ClosingStream(StreamingResponse):
+        """Closes its generation when the response ends in any way, even before the body started."""
+
+        def __init__(self, body, gen: Generation):
+            super().__init__(body, media_type="text/event-stream")
+            self.gen = gen
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.gen.close()
+
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError):
         return JSONResponse(e.body(), status_code=e.status)
@@ -338,7 +367,7 @@ def create_app(triton: TritonImages, defaults: FrontDefaults = FrontDefaults(), 
     @app.get("/health")
     async def health():
         engines = await triton.engines(max_age_s=0.0)
-        return JSONResponse({"engines": engines}, status_code=200 if engines else 503)
+        return JSONResponse({"engines": engines, "in_flight": state["in_flight"]}, status_code=200 if engines else 503)
 
     @app.get("/v1/models")
     async def models():
@@ -359,19 +388,20 @@ def create_app(triton: TritonImages, defaults: FrontDefaults = FrontDefaults(), 
                            "overloaded", "rate_limit_error")
         state["in_flight"] += 1
         gen = triton.start(req, model)
+        gen.on_close = release
         try:
             if req.stream:
                 first = await _next_or_cancel(gen, request)  # admission errors still get their HTTP status
-                return StreamingResponse(_sse(req, gen, first, state, request), media_type="text/event-stream")
+                return _ClosingStream(_sse(req, gen, first, request), gen)
             images = await _collect(req, gen, request)
         except Disconnected:
-            state["in_flight"] -= 1
             return Response(status_code=499)  # nobody reads it
         except BaseException:
-            gen.cancel()
-            state["in_flight"] -= 1
+            gen.close()
             raise
-        state["in_flight"] -= 1
+        finally:
+            if not req.stream:
+                gen.close()
         return {"created": int(time.time()), "output_format": "png", "size": req.size,
                 "data": [{"b64_json": png_b64(img), "steps": steps} for img, steps in images]}
 
@@ -387,7 +417,7 @@ async def _next_or_cancel(gen: Generation, request, poll_s: float = 0.1) -> Even
         if done:
             return task.result()
         if await request.is_disconnected():
-            gen.cancel()
+            gen.close()
             task.cancel()
             raise Disconnected()
 
@@ -407,7 +437,7 @@ def _sse_event(kind: str, data: dict) -> bytes:
     return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-async def _sse(req: ImageRequest, gen: Generation, first: Event | None, state: dict, request) -> AsyncIterator[bytes]:
+async def _sse(req: ImageRequest, gen: Generation, first: Event | None, request) -> AsyncIterator[bytes]:
     """Server-sent events: partial images at evenly spread steps, then one completed event per image. A
     client that goes away (seen by polling, or Starlette cancelling this generator) cancels the Triton
     requests."""
@@ -435,8 +465,7 @@ async def _sse(req: ImageRequest, gen: Generation, first: Event | None, state: d
     except ApiError as e:  # after the stream began: an error event (the openai client raises APIError)
         yield _sse_event("error", e.body())
     finally:
-        gen.cancel()  # no-op once every image is answered
-        state["in_flight"] -= 1
+        gen.close()
 
 
 def main(argv: list[str] | None = None) -> int:

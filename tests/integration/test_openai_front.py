@@ -124,6 +124,13 @@ def post(front: str, body: dict, timeout_s: float = 60.0):
     return conn, conn.getresponse
 
 
+def front_in_flight(front: str) -> int:
+    import json
+    import urllib.request
+
+    return json.loads(urllib.request.urlopen(front + "/health", timeout=5).read())["in_flight"]
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_openai_disconnect_cancels_and_leaves_no_engine_state(server, front, stream):
     cancelled = metric(server, "tessera_requests_total", MODEL, outcome="cancelled")
@@ -142,6 +149,7 @@ def test_openai_disconnect_cancels_and_leaves_no_engine_state(server, front, str
     wait_for(lambda: metric(server, "tessera_requests_total", MODEL, outcome="cancelled") == cancelled + 1, 60,
              "the engine to count the cancellation")
     wait_for(lambda: metric(server, "tessera_in_flight_requests", MODEL) == 0, 30, "no request in flight")
+    wait_for(lambda: front_in_flight(front) == 0, 30, "the front to release the generation")
     completed = metric(server, "tessera_requests_total", MODEL, outcome="completed")
     time.sleep(0.5)
     assert metric(server, "tessera_requests_total", MODEL, outcome="completed") == completed  # nothing finished it
@@ -191,4 +199,5 @@ def test_openai_client_raises_typed_errors_and_lists_models(oai):
         oai.images.generate(prompt=PROMPT, size="100x100")
     assert e.value.status_code == 400 and e.value.param == "size"
     ids = [m.id for m in oai.models.list().data]
+    assert front_in_flight(oai.base_url.scheme + "://" + oai.base_url.host + f":{oai.base_url.port}") == 0
     assert ids[0] == MODEL and "ref_engine" in ids and "txt2img" not in ids

@@ -80,27 +80,51 @@ def bursty(low: float, high: float, sizes, shares, steps: int, seed: int, shape=
                  tuple(reqs))
 
 
+def intervals_us(times_s) -> list[int]:
+    """Gaps between successive arrivals in whole microseconds, the first from t = 0 (perf_analyzer's
+    --request-intervals: its schedule is the running sum). Rounded on the running sum, so the gaps add up to
+    the trace's last arrival exactly and no rounding error accumulates."""
+    stamps = [int(round(t * 1e6)) for t in times_s]
+    if any(b < a for a, b in zip(stamps, stamps[1:], strict=False)) or (stamps and stamps[0] < 0):
+        raise ValueError("arrival times: allowed non-negative and sorted")
+    return [b - a for a, b in zip([0, *stamps][: len(stamps)], stamps, strict=True)]
+
+
+def input_data(requests, slo_ms=None, guidance: float = 5.0) -> dict:
+    """perf_analyzer --input-data JSON: one entry per request, in order, every required entry input of
+    tessera.wire.ENTRY_INPUTS (and slo_ms when given: a number or {(h, w): ms}). Shapes leave out the batch
+    dimension: the entry model has max_batch_size, and perf_analyzer (-b 1) adds it."""
+    from tessera.wire import ENTRY_INPUTS
+
+    out = []
+    for r in requests:
+        slo = slo_ms.get((r.height, r.width)) if isinstance(slo_ms, dict) else slo_ms
+        values = {"prompt": r.prompt, "height": r.height, "width": r.width, "steps": r.steps,
+                  "guidance_scale": guidance, "seed": r.seed, "slo_ms": slo}
+        entry = {}
+        for spec in ENTRY_INPUTS:
+            value = values.get(spec.name)
+            if value is None:
+                if not spec.optional:
+                    raise ValueError(f"{spec.name}: required entry input has no value")
+                continue
+            if spec.dtype is np.object_:
+                cast = str
+            elif np.issubdtype(spec.dtype, np.floating):
+                cast = float
+            else:
+                cast = int
+            entry[spec.name] = {"content": [cast(value)], "shape": [1]}
+        out.append(entry)
+    return {"data": out}
+
+
 def write_perf_analyzer_inputs(trace: Trace, out_dir: str | Path, slo_ms: dict | None = None,
                                guidance: float = 5.0) -> tuple[Path, Path]:
     """perf_analyzer files for the same trace: `input_data.json` (one entry per request, in order) and
     `intervals.txt` (inter-arrival gaps in microseconds, for --request-intervals)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = []
-    for r in trace.requests:
-        entry = {
-            "prompt": {"content": [r.prompt], "shape": [1]},
-            "height": {"content": [r.height], "shape": [1]},
-            "width": {"content": [r.width], "shape": [1]},
-            "steps": {"content": [r.steps], "shape": [1]},
-            "guidance_scale": {"content": [guidance], "shape": [1]},
-            "seed": {"content": [r.seed], "shape": [1]},
-        }
-        if slo_ms:
-            entry["slo_ms"] = {"content": [int(slo_ms[(r.height, r.width)])], "shape": [1]}
-        data.append(entry)
-    (out / "input_data.json").write_text(json.dumps({"data": data}))
-    times = [r.t for r in trace.requests]
-    gaps = [times[0]] + [b - a for a, b in zip(times, times[1:], strict=False)]
-    (out / "intervals.txt").write_text("\n".join(str(int(g * 1e6)) for g in gaps) + "\n")
+    (out / "input_data.json").write_text(json.dumps(input_data(trace.requests, slo_ms, guidance)))
+    (out / "intervals.txt").write_text("".join(f"{g}\n" for g in intervals_us([r.t for r in trace.requests])))
     return out / "input_data.json", out / "intervals.txt"
