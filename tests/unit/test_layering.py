@@ -13,7 +13,8 @@ PKG = Path(tessera.__file__).parent
 TOOLS = {"client.py", "cli.py", "demo.py", "openai_front.py"}  # client-side tools; quality/ is a tool package too
 FORBIDDEN = {"triton_python_backend_utils", "tritonclient", "tessera_export"}
 PURE_CORE = ("engine", "scheduler", "plan", "request", "cost", "predictor", "early_exit", "patch_index", "errors",
-             "options", "interfaces", "config", "loop", "fanin", "faults", "bench.simulate")
+             "options", "interfaces", "config", "loop", "fanin", "faults", "bench.simulate",
+             "lora_spec", "lora_registry", "lora_cache", "bal")
 
 
 def _imports(path: Path) -> set[str]:
