@@ -20,7 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from perf.common import RESULTS, tiny_unet_repo, write_result
+from perf.common import RESULTS, parser, tiny_unet_repo, write_result
 
 SIZES = ((64, 64), (64, 128), (128, 128))  # pixels: latents 8x8, 8x16, 16x16 (GCD 8)
 VARIANTS = {
@@ -81,8 +81,7 @@ def closed_loop(server, model: str, jobs: list[tuple[int, int, int]], clients: i
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m perf.batching", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = parser("batching", __doc__)
     ap.add_argument("--requests", type=int, default=24, help="requests per variant")
     ap.add_argument("--clients", type=int, default=6, help="closed-loop clients, each sending back to back")
     ap.add_argument("--steps", type=int, default=10, help="denoising steps per request")

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 from pathlib import Path
 
 from tessera.results import RESULTS, write_result  # noqa: F401
+
+
+def parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """A benchmark's parser: `python -m perf.<module>`, the first paragraph of its docstring, and every
+    option's default in --help."""
+    return argparse.ArgumentParser(prog=f"python -m perf.{module}", description=doc.split("\n\n")[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def tiny_unet_repo(name: str) -> tuple[Path, Path, Path]:

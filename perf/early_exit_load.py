@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from perf.common import RESULTS, write_result
+from perf.common import RESULTS, parser, write_result
 from tessera.options import PolicyName
 
 SIZES = ((64, 64), (64, 128), (128, 128))
@@ -26,8 +26,7 @@ MODES = ("off", "on")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m perf.early_exit_load", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = parser("early_exit_load", __doc__)
     ap.add_argument("--models", default="quality_models", help="directory holding heavy/ (the reference)")
     ap.add_argument("--loads", default="0.8,1.2,1.8", help="offered load, multiples of the early-exit-off capacity")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per load")

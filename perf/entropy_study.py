@@ -18,15 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from perf.common import write_result
+from perf.common import parser, write_result
 
 EPSILONS = (0.002, 0.005, 0.01, 0.02, 0.05)
 WINDOWS = (1, 2, 3)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m perf.entropy_study", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = parser("entropy_study", __doc__)
     ap.add_argument("--models", default="quality_models", help="directory holding heavy/ (the reference)")
     ap.add_argument("--steps", type=int, default=50, help="full-step denoising steps")
     ap.add_argument("--seeds", type=int, default=2, help="seeds per prompt (48 prompts each)")

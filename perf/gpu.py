@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from perf.common import parser
+
 DEFAULTS = {  # per device: sizes (HxW pixels), steps, requests, batch sizes of the latency sweep, repeats
     "cuda": dict(sizes="256x256,256x512,512x512", steps=20, requests=48, batches="1,2,4,8,16", repeats=10),
     "cpu": dict(sizes="64x64,64x128,128x64", steps=3, requests=6, batches="1,2", repeats=2),
@@ -186,8 +188,7 @@ def step_latency(pipeline, denoiser, sizes, batch: int, repeats: int, device: st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m perf.gpu", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = parser("gpu", __doc__)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                     help="cuda: the check; cpu: a tiny case into a temp dir (CI)")
     ap.add_argument("--out", help="result JSON (none: perf/results/gpu-batching.json on cuda, a temp dir "

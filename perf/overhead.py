@@ -21,12 +21,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-from perf.common import RESULTS, tiny_unet_repo, write_result
+from perf.common import RESULTS, parser, tiny_unet_repo, write_result
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m perf.overhead", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = parser("overhead", __doc__)
     ap.add_argument("--runs", type=int, default=9, help="timed rounds (each variant once per round)")
     ap.add_argument("--height", type=int, default=256, help="pixels")
     ap.add_argument("--width", type=int, default=256, help="pixels")

@@ -14,7 +14,7 @@ import argparse
 
 import numpy as np
 
-from perf.common import RESULTS, tiny_unet_repo, write_result
+from perf.common import RESULTS, parser, tiny_unet_repo, write_result
 from perf.slo import SIZES, isolated_ms, scrape_all
 
 SETTINGS = {"early-refusal": "on", "strict-refusal": "strict", "late-refusal": "off"}  # engine setting early_refusal
@@ -30,8 +30,7 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m perf.overload", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = parser("overload", __doc__)
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of offered load per run")
     ap.add_argument("--load", type=float, default=3.0, help="offered load, x capacity")
     ap.add_argument("--steps", type=int, default=20, help="denoising steps per request")

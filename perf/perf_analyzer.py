@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from perf.common import RESULTS, tiny_unet_repo, write_result
+from perf.common import RESULTS, parser, tiny_unet_repo, write_result
 
 CACHE = Path(".tessera_cache") / "perf_analyzer"
 PA_VERSION = "2.51.0"  # the server's own release (nvidia-pytriton 0.7.0 ships tritonserver 2.51)
@@ -242,8 +242,7 @@ def stats_delta(after: dict, before: dict, requests: int) -> dict:
 
 # ------------------------------------------------------------------------------------------------------- run
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m perf.perf_analyzer", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = parser("perf_analyzer", __doc__)
     ap.add_argument("--pa-version", default=PA_VERSION, help="tritonclient wheel to take perf_analyzer from (<= 2.60.0)")
     ap.add_argument("--cache", type=Path, default=CACHE, help="where the wheel and the unpacked binary are kept")
     ap.add_argument("--check-only", action="store_true", help="fetch perf_analyzer, run --version and exit")

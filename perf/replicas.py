@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from perf.common import RESULTS, tiny_unet_repo, write_result
+from perf.common import RESULTS, parser, tiny_unet_repo, write_result
 from perf.slo import SIZES, isolated_ms, scrape_all
 
 NGINX_CONF = """worker_processes 1;
@@ -142,8 +142,7 @@ class Nginx:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m perf.replicas", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = parser("replicas", __doc__)
     ap.add_argument("--duration", type=float, default=40.0, help="seconds of offered load per run")
     ap.add_argument("--loads", default="0.5,1.0,1.5,2.0,2.5", help="offered loads, x one replica's capacity")
     ap.add_argument("--steps", type=int, default=20, help="denoising steps per request")

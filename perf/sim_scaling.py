@@ -14,13 +14,12 @@ import json
 
 import numpy as np
 
-from perf.common import RESULTS, write_result
+from perf.common import RESULTS, parser, write_result
 from perf.slo import SIZES, simulate_variant
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m perf.sim_scaling", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = parser("sim_scaling", __doc__)
     ap.add_argument("--loads", default="0.9,1.0,1.1,1.3", help="offered load per instance, x one instance's capacity")
     ap.add_argument("--instances", default="1,2,4,8", help="engine instance counts, comma-separated")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per trace")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from perf.common import RESULTS, tiny_unet_repo, write_result
+from perf.common import RESULTS, parser, tiny_unet_repo, write_result
 
 POLICIES = ("image-fcfs", "step-fcfs", "slack", "rounds", "rounds-degrade")
 # Engine settings per benchmarked variant: the policy, and what happens to hopeless requests.
@@ -84,8 +84,7 @@ def served_state(url: str, model: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m perf.slo", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = parser("slo", __doc__)
     ap.add_argument("--loads", default="0.6,0.9,1.0,1.05,1.1,1.3", help="offered load as multiples of capacity")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per run")
     ap.add_argument("--steps", type=int, default=20, help="denoising steps per request")

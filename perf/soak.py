@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from perf.common import RESULTS, tiny_unet_repo, write_result
+from perf.common import RESULTS, parser, tiny_unet_repo, write_result
 from perf.slo import SIZES, isolated_ms, scrape_all
 
 FAULTS = ("sampler", "decode", "preview", "start", "step")  # [[fault:loop]] is tested alone (test_faults.py)
@@ -86,8 +86,7 @@ def counter(server, name: str, model: str, **labels) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m perf.soak", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = parser("soak", __doc__)
     ap.add_argument("--streams", type=int, default=1000, help="cancelled streams (phase 1)")
     ap.add_argument("--minutes", type=float, default=20.0, help="mixed open-loop load (phase 2)")
     ap.add_argument("--load", type=float, default=0.9, help="offered load, x capacity")

@@ -12,15 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from perf.common import write_result
+from perf.common import parser, write_result
 
 SETTINGS = ((4, 0), (4, 2), (8, 0), (8, 2), (8, 4), (8, 6), (12, 4), (16, 0))  # (tile, overlap) in latent cells
 SIZE = (128, 128)  # pixels: a 16x16 latent
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m perf.tiled_error", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = parser("tiled_error", __doc__)
     ap.add_argument("--pipeline", default=None, help="a diffusers pipeline dir (none: the tiny random UNet)")
     ap.add_argument("--steps", type=int, default=20, help="denoising steps per image")
     ap.add_argument("--seeds", type=int, default=4, help="images (seeds) per tile setting")
