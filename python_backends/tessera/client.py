@@ -33,6 +33,7 @@ def request_arrays(
     negative_prompt: str | list[str] | None = None,
     slo_ms: int | None = None,
     early_exit: bool | None = None,
+    lora: str | None = None,
 ) -> dict[str, np.ndarray]:
     """The entry model's input tensors ([batch, 1] each) for one request."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -57,6 +58,8 @@ def request_arrays(
         arrays["slo_ms"] = col([slo_ms] * n, np.int32)
     if early_exit is not None:
         arrays["early_exit"] = col([early_exit] * n, np.bool_)
+    if lora is not None:  # "name" or "name:scale", comma-separated
+        arrays["lora"] = col([lora.encode()] * n, np.object_)
     return arrays
 
 

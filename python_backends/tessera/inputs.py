@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from .errors import InvalidInputError
+from .lora_spec import NO_LORA, parse_lora
 from .request import GenerationParams
 from .wire import ENTRY_INPUTS, ENTRY_MAX_BATCH, InputSpec
 
@@ -98,11 +99,13 @@ def parse_request(
     tensors: Mapping[str, np.ndarray | None],
     limits: Limits,
     count_tokens: Callable[[str], int] | None = None,
+    adapters: Collection[str] | None = (),
 ) -> list[GenerationParams]:
     """Validate one entry request ([batch, 1] tensors by input name) into one GenerationParams per item.
 
     `count_tokens(text)` returns the token count including start/end tokens; if given, prompts longer
-    than `limits.max_prompt_tokens` are refused (diffusers would silently truncate them).
+    than `limits.max_prompt_tokens` are refused (diffusers would silently truncate them). `adapters` are
+    the LoRA names the model serves (none by default); None leaves names to the engine (the facade).
     """
     unknown = sorted(set(tensors) - {s.name for s in ENTRY_INPUTS})
     if unknown:
@@ -146,7 +149,9 @@ def parse_request(
         if "slo_ms" in values:
             slo_ms = _int_in("slo_ms", values["slo_ms"][i], 1, limits.max_slo_ms)
         early_exit = bool(values["early_exit"][i]) if "early_exit" in values else None
-        out.append(GenerationParams(prompt, negative, height, width, steps, guidance, seed, slo_ms, early_exit))
+        lora = parse_lora([values["lora"][i]], adapters) if "lora" in values else NO_LORA
+        out.append(GenerationParams(prompt, negative, height, width, steps, guidance, seed, slo_ms, early_exit,
+                                    lora))
     sizes = {(p.height, p.width) for p in out}
     if len(sizes) > 1:
         raise InvalidInputError(

@@ -67,14 +67,14 @@ class LoraSet:
 NO_LORA = LoraSet()
 
 
-def parse_lora(entries: Iterable[bytes | str] | None, known: Collection[str], *,
+def parse_lora(entries: Iterable[bytes | str] | None, known: Collection[str] | None, *,
                max_entries: int = MAX_ENTRIES, max_abs_scale: float = MAX_ABS_SCALE) -> LoraSet:
     """One request's `lora` entries (Triton BYTES values or str) -> its LoraSet.
 
     Each entry is `name` (scale 1) or `name:scale`; an entry may also hold several, comma-separated
     (`a:0.5,b`: the form the CLI and the OpenAI front take). Empty entries (padding of a [batch, N] tensor)
     are skipped; None or no entries gives NO_LORA. `known` is the servable adapter names (the registry's
-    `names()`). Raises InvalidInputError(field `lora`) naming the allowed range and, for an unknown name,
+    `names()`; None: names are checked where the adapters are, e.g. the engine behind a facade). Raises InvalidInputError(field `lora`) naming the allowed range and, for an unknown name,
     the known adapters (closest first, at most MAX_LISTED)."""
     if entries is None:
         return NO_LORA
@@ -104,7 +104,7 @@ def _split(raw: bytes | str) -> list[str]:
     return [part.strip() for part in raw.split(",") if part.strip()]
 
 
-def _entry(item: str, known: Collection[str], max_abs_scale: float) -> tuple[str, float]:
+def _entry(item: str, known: Collection[str] | None, max_abs_scale: float) -> tuple[str, float]:
     name, sep, scale_text = item.partition(":")
     name = name.strip()
     if not name:
@@ -120,7 +120,7 @@ def _entry(item: str, known: Collection[str], max_abs_scale: float) -> tuple[str
         if not math.isfinite(scale) or abs(scale) > max_abs_scale:
             raise InvalidInputError(FIELD, f"scale out of range for adapter {name!r}", allowed_scale,
                                     scale_text.strip())
-    if name not in known:
+    if known is not None and name not in known:
         raise InvalidInputError(FIELD, "unknown adapter", known_adapters(known, name), name)
     return name, scale
 
@@ -129,7 +129,7 @@ def known_adapters(known: Collection[str], asked: str = "", limit: int = MAX_LIS
     """The `allowed` text of an unknown-adapter error: the names closest to `asked` first, then the rest
     in order, at most `limit`, with how many were left out."""
     if not known:
-        return "an adapter of the adapter directory (lora_dir), which holds none"
+        return "none: this model serves no adapters (engine setting lora_dir)"
     ordered = sorted(known)
     close = difflib.get_close_matches(asked, ordered, n=limit, cutoff=0.6) if asked else []
     shown = close + [n for n in ordered if n not in close][: limit - len(close)]

@@ -92,6 +92,7 @@ class ImageRequest:
     negative_prompt: str | None = None
     slo_ms: int | None = None
     early_exit: bool | None = None
+    lora: str | None = None  # "name" or "name:scale", comma-separated (the engine checks the names)
     stream: bool = False
     partial_images: int = 0
 
@@ -106,7 +107,7 @@ _ACCEPTED_ONLY = {
     "quality": ("auto", "standard"), "background": ("auto", "opaque"), "output_format": ("png",),
 }
 _KNOWN = {"prompt", "model", "n", "size", "response_format", "stream", "partial_images", "negative_prompt", "seed",
-          "num_inference_steps", "guidance_scale", "slo_ms", "early_exit", *_ACCEPTED_ONLY}
+          "num_inference_steps", "guidance_scale", "slo_ms", "early_exit", "lora", *_ACCEPTED_ONLY}
 
 
 def _typed(body: Mapping, name: str, kinds: tuple[type, ...], label: str, default=None):
@@ -161,13 +162,19 @@ def parse_generation(body: object, defaults: FrontDefaults = FrontDefaults(),
         raise invalid("guidance_scale", "not finite", "a finite number", guidance)
     seed = _int(body, "seed", 0, 2**63 - 1 - MAX_N, None)
     negative = _typed(body, "negative_prompt", (str,), "a string")
+    lora = body.get("lora")
+    if isinstance(lora, list) and all(isinstance(x, str) for x in lora):
+        lora = ",".join(lora)
+    elif lora is not None and not isinstance(lora, str):
+        raise invalid("lora", "wrong type", "'name[:scale]' or a list of them", lora)
     return ImageRequest(
         prompt=prompt, model=_typed(body, "model", (str,), "a model id from GET /v1/models"),
         n=_int(body, "n", 1, MAX_N, 1), width=width, height=height,
         steps=_typed(body, "num_inference_steps", (int,), "an integer", defaults.steps),
         guidance_scale=float(guidance), seed=seed_source() if seed is None else seed, negative_prompt=negative,
         slo_ms=_typed(body, "slo_ms", (int,), "an integer (milliseconds)"),
-        early_exit=_typed(body, "early_exit", (bool,), "true or false"), stream=stream, partial_images=partial,
+        early_exit=_typed(body, "early_exit", (bool,), "true or false"), lora=lora, stream=stream,
+        partial_images=partial,
     )
 
 
@@ -297,7 +304,7 @@ class TritonImages:
         async def requests():
             for i in range(req.n):
                 arrays = request_arrays(req.prompt, req.height, req.width, req.steps, req.guidance_scale, req.seed + i,
-                                        req.negative_prompt, req.slo_ms, req.early_exit)
+                                        req.negative_prompt, req.slo_ms, req.early_exit, req.lora)
                 arrays |= {"progress": np.array([[stream_on]]), "preview": np.array([[req.partial_images > 0]])}
                 yield {"model_name": model, "inputs": infer_inputs("grpc", arrays), "request_id": str(i)}
             await closed.wait()  # keep the stream open until every image is answered (or cancelled)

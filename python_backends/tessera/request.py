@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from .interfaces import Run
+from .lora_spec import NO_LORA, LoraSet
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +22,7 @@ class GenerationParams:
     seed: int
     slo_ms: int | None = None  # deadline relative to arrival; None: slo_scale x the isolated latency
     early_exit: bool | None = None  # entropy early exit for this request; None: the server's default
+    lora: LoraSet = NO_LORA  # adapters and scales (issue 14)
 
     @property
     def do_cfg(self) -> bool:

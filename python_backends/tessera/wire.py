@@ -36,6 +36,7 @@ ENTRY_INPUTS: tuple[InputSpec, ...] = (
     InputSpec("seed", np.int64, "INT64"),
     InputSpec("slo_ms", np.int32, "INT32", optional=True),
     InputSpec("early_exit", np.bool_, "BOOL", optional=True),  # absent: the server's default
+    InputSpec("lora", np.object_, "STRING", optional=True),  # "name" or "name:scale", comma-separated, up to 4
 )
 ENTRY_INPUT_NAMES = tuple(s.name for s in ENTRY_INPUTS)
 OUTPUT_PREVIEW = "preview"  # engine only: UINT8 [1, h, w, 3] latent-resolution preview with progress

@@ -174,6 +174,7 @@ INVALID = [  # (extra body or argument changes, the parameter named, HTTP status
     ({"partial_images": 2}, "partial_images", 400),  # without stream
     ({"quality": "hd"}, "quality", 400),
     ({"output_format": "jpeg"}, "output_format", 400),
+    ({"lora": "stripes:0.8"}, "lora", 400),  # the engine serves no adapters (yet): it says so, naming lora
     ({"slo_ms": 1, "model": "cold_rounds"}, "slo_ms", 429),  # a deadline policy cannot meet it: refused
 ]
 

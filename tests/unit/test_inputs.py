@@ -113,3 +113,23 @@ def test_inputs_early_exit_is_an_optional_bool_per_item():
     arrays["early_exit"] = np.array([[1]], dtype=np.int32)
     with pytest.raises(InvalidInputError, match=r"^early_exit: wrong data type; allowed BOOL, got INT32"):
         parse_request(arrays, LIMITS)
+
+
+def test_inputs_lora_parsed_against_the_served_adapters():
+    from tessera.lora_spec import NO_LORA, LoraSet
+
+    (p,) = parse_request(_ok(lora="stripes:0.5, dark"), LIMITS, adapters={"stripes", "dark", "outline"})
+    assert p.lora == LoraSet.of([("dark", 1.0), ("stripes", 0.5)])
+    (p,) = parse_request(_ok(), LIMITS)
+    assert p.lora == NO_LORA
+    with pytest.raises(InvalidInputError) as e:  # a model serving no adapters says so, naming the field
+        parse_request(_ok(lora="stripes"), LIMITS)
+    assert str(e.value).startswith("lora: unknown adapter; allowed none: this model serves no adapters")
+    with pytest.raises(InvalidInputError) as e:
+        parse_request(_ok(lora="stripse"), LIMITS, adapters={"stripes", "dark"})
+    assert e.value.field == "lora" and "stripes" in str(e.value)
+    (p,) = parse_request(_ok(lora="anything:2"), LIMITS, adapters=None)  # the facade: names are the engine's
+    assert p.lora.names == ("anything",)
+    with pytest.raises(InvalidInputError) as e:  # syntax is still checked there
+        parse_request(_ok(lora="a:9"), LIMITS, adapters=None)
+    assert e.value.field == "lora"

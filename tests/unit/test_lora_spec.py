@@ -88,8 +88,8 @@ def test_lora_spec_unknown_with_many_adapters_is_truncated():
 
 
 def test_lora_spec_no_adapters_known():
-    assert "holds none" in refusal([b"outline"], known=frozenset())
-    assert known_adapters([]) == "an adapter of the adapter directory (lora_dir), which holds none"
+    assert "serves no adapters" in refusal([b"outline"], known=frozenset())
+    assert known_adapters([]) == "none: this model serves no adapters (engine setting lora_dir)"
 
 
 def test_lora_spec_duplicates_empty_names_and_bytes():

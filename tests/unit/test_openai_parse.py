@@ -23,6 +23,7 @@ def test_defaults_and_extensions():
               slo_ms=900, early_exit=True, stream=True, partial_images=2, quality="auto", user="u")
     assert (r.width, r.height, r.n, r.seed, r.steps, r.guidance_scale) == (192, 128, 3, 5, 30, 7.0)
     assert (r.negative_prompt, r.slo_ms, r.early_exit, r.partial_images, r.size) == ("blue", 900, True, 2, "192x128")
+    assert parse(lora=["a:0.5", "b"]).lora == "a:0.5,b" and parse(lora="a").lora == "a" and parse().lora is None
 
 
 @pytest.mark.parametrize("body,param", [
@@ -30,7 +31,7 @@ def test_defaults_and_extensions():
     ({"stream": "yes"}, "stream"), ({"partial_images": 4, "stream": True}, "partial_images"),
     ({"guidance_scale": float("nan")}, "guidance_scale"), ({"negative_prompt": 3}, "negative_prompt"),
     ({"early_exit": 1}, "early_exit"), ({"slo_ms": 1.5}, "slo_ms"), ({"background": "transparent"}, "background"),
-    ({"user": 5}, "user"), ({"lora": "x"}, "lora"), ({"model": 3}, "model"), ({"seed": 2**63}, "seed"),
+    ({"user": 5}, "user"), ({"lora": 5}, "lora"), ({"lora": ["a", 2]}, "lora"), ({"model": 3}, "model"), ({"seed": 2**63}, "seed"),
 ])
 def test_invalid_names_the_parameter(body, param):
     with pytest.raises(ApiError) as e:
