@@ -98,6 +98,28 @@ def _cmd_train_reference(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_style_evaluator(a: argparse.Namespace) -> int:
+    from .quality.style_eval import train_style_evaluator
+
+    report = train_style_evaluator(a.out, a.work, minutes=a.minutes, steps=a.steps, seed=a.seed,
+                                   vae_dir=a.vae or None, n_test=a.test_images)
+    print(f"[tessera] train-style-evaluator: {report}")
+    return 0
+
+
+def _cmd_train_lora(a: argparse.Namespace) -> int:
+    from .quality.train_lora import LoraSettings, train_lora
+
+    settings = LoraSettings(rank=a.rank, alpha=a.alpha, lr=a.lr, batch=a.batch, steps=a.steps,
+                            per_res=a.images_per_res)
+    command = "tessera train-lora " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train-lora"] else ""
+    report = train_lora(a.out, a.base, a.work, styles=tuple(a.styles.split(",")), minutes=a.minutes, seed=a.seed,
+                        settings=settings, eval_images=a.eval_images, eval_steps=a.eval_steps,
+                        evaluators_dir=a.evaluators, command=command)
+    print(f"[tessera] train-lora: {report['styles']}")
+    return 0
+
+
 def _cmd_quality(a: argparse.Namespace) -> int:
     from .quality.harness import RESULT_NAMES, SETS, run_quality
 
@@ -278,6 +300,42 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("openai", help="OpenAI-compatible images API (/v1/images/generations) in front of a server")
     openai_front.add_arguments(o)
     o.set_defaults(fn=openai_front.run)
+
+    se = sub.add_parser("train-style-evaluator",
+                        help="train the style evaluator (style_evaluator.pt + .json; resumable, time-bounded)")
+    se.add_argument("out", help="where style_evaluator.pt and style_evaluator.json are written")
+    se.add_argument("--work", default=".tessera_cache/train", help="checkpoints to resume from")
+    se.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget")
+    se.add_argument("--steps", type=int, default=1500, help="training steps (batch 32) to reach")
+    se.add_argument("--vae", default="quality_models/heavy/vae",
+                    help="VAE directory: also report accuracy after its encode/decode round trip ('' to skip)")
+    se.add_argument("--test-images", type=int, default=50, help="test images per style and resolution")
+    se.add_argument("--seed", type=int, default=0, help="seed of the weights and the data")
+    se.set_defaults(fn=_cmd_train_style_evaluator)
+
+    tl = sub.add_parser("train-lora", help="train one reference LoRA per style on the heavy reference "
+                                           "(diffusers format; resumable, time-bounded)")
+    tl.add_argument("out", help="adapters go to OUT/<style>/pytorch_lora_weights.safetensors, metadata to "
+                                "OUT/training.json")
+    tl.add_argument("--base", default="quality_models/heavy", help="the reference pipeline the adapters are for")
+    tl.add_argument("--work", default=".tessera_cache/train-lora", help="checkpoints and datasets to resume from")
+    tl.add_argument("--styles", default="outlined,striped,dark",
+                    help="comma-separated styles to train (of outlined, striped, dark), in that order")
+    tl.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget shared evenly by the styles")
+    tl.add_argument("--steps", type=int, default=1500, help="training steps per style to reach")
+    tl.add_argument("--rank", type=int, default=4, help="LoRA rank r")
+    tl.add_argument("--alpha", type=float, default=None, help="LoRA alpha (none: alpha = rank, scale 1)")
+    tl.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (linear warmup first)")
+    tl.add_argument("--batch", type=int, default=32, help="batch at 64x64 (other resolutions: half)")
+    tl.add_argument("--images-per-res", type=int, default=500,
+                    help="rendered training images per resolution (x4 at 64x64), VAE-encoded once per style")
+    tl.add_argument("--eval-images", type=int, default=48,
+                    help="generated 64x64 images per style for adherence in training.json (0: skip)")
+    tl.add_argument("--eval-steps", type=int, default=20, help="denoising steps of the adherence images")
+    tl.add_argument("--evaluators", default="quality_models",
+                    help="directory holding evaluator.pt and style_evaluator.pt (either may be missing)")
+    tl.add_argument("--seed", type=int, default=0, help="seed of the adapters' init, the data and the evaluation")
+    tl.set_defaults(fn=_cmd_train_lora)
     return p
 
 

@@ -214,6 +214,28 @@ def loss_weight(weighting: str, snr: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"weighting: allowed {WEIGHTINGS}, got {weighting!r}")
 
 
+def training_draws(rng: np.random.Generator, sampler, x0: torch.Tensor, captions: list[str]):
+    """One batch's random draws, in this order: captions with classifier-free-guidance dropout (the empty
+    caption with probability CFG_DROPOUT), timesteps (numpy rng), noise (torch's global generator)."""
+    caps = ["" if rng.random() < CFG_DROPOUT else c for c in captions]
+    t = torch.from_numpy(rng.integers(0, sampler.config.num_train_timesteps, size=len(x0)))
+    noise = torch.randn_like(x0)
+    return caps, t, noise
+
+
+def v_loss(unet, sampler, x0: torch.Tensor, emb: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+           weighting: str = "v") -> torch.Tensor:
+    """The generators' objective: MSE of the UNet's v-prediction at x_t (x0 noised to t), weighted per sample
+    by `loss_weight`. Shared by train-reference and train-lora."""
+    xt = sampler.add_noise(x0, noise, t)
+    target = sampler.get_velocity(x0, noise, t)
+    pred = unet(xt, t, encoder_hidden_states=emb).sample
+    alphas = sampler.alphas_cumprod
+    snr = alphas[t] / (1 - alphas[t])
+    w = loss_weight(weighting, snr).view(-1, 1, 1, 1)
+    return (w * (pred - target).pow(2)).mean()
+
+
 def train_generator(kind: str, vae, data: dict, work: Path, budget: Budget, seed: int = 0, weighting: str = "v",
                     conv_in_kernel: int = 3):
     torch.manual_seed(seed + 10)
@@ -235,23 +257,15 @@ def train_generator(kind: str, vae, data: dict, work: Path, budget: Budget, seed
     keys = list(data)
     weights = np.array([4.0 if k == (64, 64) else 1.0 for k in keys])
     t0 = time.monotonic()
-    alphas = sampler.alphas_cumprod
     while step < budget.steps and time.monotonic() - t0 < budget.minutes * 60:
         key = keys[rng.choice(len(keys), p=weights / weights.sum())]
         latents, captions = data[key]
         bs = 64 if key == (64, 64) else 32
         idx = rng.integers(0, len(latents), size=bs)
         x0 = latents[idx]
-        caps = ["" if rng.random() < CFG_DROPOUT else captions[i] for i in idx]
-        t = torch.from_numpy(rng.integers(0, sampler.config.num_train_timesteps, size=bs))
-        noise = torch.randn_like(x0)
-        xt = sampler.add_noise(x0, noise, t)
-        target = sampler.get_velocity(x0, noise, t)
+        caps, t, noise = training_draws(rng, sampler, x0, [captions[i] for i in idx])
         emb = nets["text"](ids(caps))[0]
-        pred = nets["unet"](xt, t, encoder_hidden_states=emb).sample
-        snr = alphas[t] / (1 - alphas[t])
-        w = loss_weight(weighting, snr).view(-1, 1, 1, 1)
-        loss = (w * (pred - target).pow(2)).mean()
+        loss = v_loss(nets["unet"], sampler, x0, emb, t, noise, weighting)
         lr = 1e-3 * min(1.0, (step + 1) / 100)
         for g in opt.param_groups:
             g["lr"] = lr
