@@ -61,6 +61,7 @@ def repo(work_dir, tiny_pipelines) -> Path:
     (in-process ORT components) and `txt2img_patches` -> `engine_patches` (torch, exact patches)."""
     from tessera.config import EngineConfig
     from tessera_export.repository import add_engine, export_pipeline
+    from tessera_export.tiny import write_random_lora
 
     path = work_dir / "repo"
     quiet = lambda *_: None  # noqa: E731
@@ -76,6 +77,13 @@ def repo(work_dir, tiny_pipelines) -> Path:
                           ("rounds", {"on_hopeless": "degrade"})):  # cold start under every policy
         name = "cold_" + policy.replace("-", "_") + ("_degrade" if extra else "")
         add_engine(path, "engine", name, policy=policy, **extra)
+    # LoRA (tests/integration/test_lora_serving.py): three random adapters for the tiny UNet, a torch engine
+    loras = work_dir / "loras"
+    unet = load_unet(tiny_pipelines["unet"])
+    for k, name in enumerate(("inky", "misty", "grainy")):
+        write_random_lora(unet, loras / name, seed=k + 1, std=0.3,
+                          target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2"])
+    add_engine(path, "engine", "engine_lora", executor="local", denoiser_runtime="torch", lora_dir=str(loras))
     reference = Path(__file__).resolve().parents[1] / "quality_models" / "heavy"
     if reference.is_dir():  # the committed quality reference (tests/integration/test_quality_smoke.py)
         export_pipeline(reference, path, prefix="ref_", engine_config=EngineConfig(executor="local", policy="step-fcfs"),
@@ -83,6 +91,12 @@ def repo(work_dir, tiny_pipelines) -> Path:
         # the same model with entropy early exit on by default (tests/integration/test_early_exit_serving.py)
         add_engine(path, "ref_engine", "ref_engine_ee", entry="ref_txt2img_ee", early_exit="on")
     return path
+
+
+def load_unet(pipeline_dir: Path):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(pipeline_dir / "unet").eval()
 
 
 @pytest.fixture(scope="session")

@@ -149,3 +149,26 @@ def load_pipeline(pipeline_dir: str | Path):
     index = json.loads((Path(pipeline_dir) / "model_index.json").read_text())
     absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
     return DiffusionPipeline.from_pretrained(pipeline_dir, local_files_only=True, torch_dtype=torch.float32, **absent)
+
+
+def write_random_lora(unet, out_dir: str | Path, seed: int, metadata: bool = True, std: float = 0.05,
+                      **config) -> Path:
+    """A random LoRA for `unet` (diffusers UNet2DConditionModel) in the format `save_lora_weights` writes
+    (PEFT's state dict keys, the PEFT config in the header when `metadata`): A and B random with `std`
+    (B is random too, so it changes the output). `config`: LoraConfig arguments (r, lora_alpha, target_modules, ...)."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    config = {"r": 4, "lora_alpha": 4, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]} | config
+    model = copy.deepcopy(unet)
+    cfg = LoraConfig(init_lora_weights=False, **config)
+    model.add_adapter(cfg, adapter_name="a")
+    g = torch.Generator().manual_seed(seed)
+    shapes = {k: v.shape for k, v in get_peft_model_state_dict(model, adapter_name="a").items()}
+    state = {k: torch.randn(shape, generator=g) * std for k, shape in shapes.items()}
+    StableDiffusionPipeline.save_lora_weights(
+        out_dir, unet_lora_layers=state, unet_lora_adapter_metadata=cfg.to_dict() if metadata else None)
+    return Path(out_dir)

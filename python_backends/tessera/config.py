@@ -63,6 +63,17 @@ class EngineConfig:
     instead of when it becomes hopeless alone (off). perf/results/overload.json measures the three."""
     fault_injection: Switch = Switch.OFF
     """Testing only: requests whose prompt carries a fault marker fail at that stage (tessera.faults)."""
+    lora_dir: str = ""
+    """LoRA adapters served per request (`lora` input): a directory of diffusers/PEFT LoRA safetensors
+    (`<name>.safetensors` or `<name>/pytorch_lora_weights.safetensors`), rescanned when it changes; empty: none.
+    Needs denoiser_runtime=torch and denoise_mode=concat."""
+    lora_cache_mb: int = 512
+    """Loaded adapters kept in memory (LRU; adapters in use are never evicted)."""
+    lora_k: int = 0
+    """BAL: the step by which a request's adapters must have joined (it waits there if still loading; 0: wait
+    before the first step, i.e. synchronous) unless the adapter has a profile (`<name>.profile.json`)."""
+    lora_load_delay_ms: int = 0
+    """Testing and benchmarks: added to every adapter load (emulates remote storage)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -80,6 +91,13 @@ class EngineConfig:
             raise ConfigError(f"deadline_margin: allowed [0, 1], got {self.deadline_margin}")
         if not self.slo_scale > 0:
             raise ConfigError(f"slo_scale: allowed > 0, got {self.slo_scale}")
+        if self.lora_dir and (self.denoiser_runtime is not Runtime.TORCH or self.denoise_mode is not DenoiseMode.CONCAT):
+            raise ConfigError("lora_dir: adapters are applied by the torch denoiser one resolution per call; allowed "
+                              "with denoiser_runtime=torch and denoise_mode=concat, got denoiser_runtime="
+                              f"{self.denoiser_runtime.value!r}, denoise_mode={self.denoise_mode.value!r}")
+        if self.lora_cache_mb < 0 or self.lora_k < 0 or self.lora_load_delay_ms < 0:
+            raise ConfigError("lora_cache_mb, lora_k, lora_load_delay_ms: allowed >= 0, got "
+                              f"{self.lora_cache_mb}, {self.lora_k}, {self.lora_load_delay_ms}")
         for name in ("max_batch", "max_in_flight", "intra_op_threads", "tile_size", "min_steps", "round_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: allowed >= 1, got {getattr(self, name)}")

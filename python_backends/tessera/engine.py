@@ -4,8 +4,9 @@
   (1) the policy plans this step from a read-only view (who joins, who advances, who is dropped or
       degraded); drops are answered and degrades applied at once;
   (2) joining requests start: prompt encoding and seeded noise (Pipeline.start);
-  (3) ONE denoiser executor run for every advancing request (the executor may batch by resolution,
-      by patches or by tiles);
+  (3) the adapters decide who of the advancing requests steps now and with which adapters (a request
+      whose adapters are still loading at its step K sits the step out; adapters.py), then ONE denoiser
+      executor run for every stepping request (the executor may batch by resolution, patches or tiles);
   (4) each request's own sampler takes its step (Pipeline.apply), then the entropy early-exit rule;
   (5) finished requests are decoded and answered at once (earliest deadline first); progress events;
   (6) a StepRecord for metrics. The cost model learns from what was measured along the way (joins,
@@ -25,6 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 
+from .adapters import NoAdapters
 from .cost import CostModel
 from .early_exit import ExitRule
 from .errors import CancelledError, DeadlineUnreachableError, RequestFailedError
@@ -42,7 +44,8 @@ Emit = Callable[[RequestOutput], None]
 class Engine:
     def __init__(self, pipeline: Pipeline, denoiser: Denoiser, policy: Policy, cost: CostModel | None = None,
                  slo_scale: float = 5.0, clock: Callable[[], float] = time.monotonic,
-                 exit_rule: ExitRule | None = None, early_exit: bool = False, history: int = 10_000):
+                 exit_rule: ExitRule | None = None, early_exit: bool = False, history: int = 10_000,
+                 adapters=None):
         self.pipeline = pipeline
         self.denoiser = denoiser
         self.policy = policy
@@ -51,6 +54,7 @@ class Engine:
         self.clock = clock
         self.exit_rule = exit_rule or ExitRule()  # early exit: the server's rule ...
         self.early_exit = early_exit  # ... and whether it applies to requests that do not say
+        self.adapters = adapters or NoAdapters()  # per-request adapters (adapters.py): admit, gate, release
         self.waiting: dict[str, RequestState] = {}
         self.running: dict[str, RequestState] = {}
         self.records: deque[StepRecord] = deque(maxlen=history)
@@ -78,6 +82,7 @@ class Engine:
             raise ValueError(f"request_id: already in flight, got {state.request_id!r}")
         if not admitted:
             self.admit(state)
+        self.adapters.admit(state)  # adapter loads start now, off the step loop
         self.waiting[state.request_id] = state
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED,
@@ -133,10 +138,12 @@ class Engine:
             involved = (*plan.join, *plan.advance)
             self._apply_plan(plan, put)
             self._join(plan.join, now_s, put)  # (2)
-            batch = [self.running[rid] for rid in plan.advance if rid in self.running]
-            self.last_advance = frozenset(s.request_id for s in batch)
-            if batch:
-                self._advance(batch, now_s, put)  # (3)-(6)
+            gate = self.adapters.gate([self.running[rid] for rid in plan.advance if rid in self.running])
+            for s, e in gate.failed:  # (3a) adapters: who steps now and with which; a failed load fails alone
+                put(self._fail(self.running.pop(s.request_id), "adapter load", e))
+            self.last_advance = frozenset(s.request_id for s in gate.step)
+            if gate.step:
+                self._advance(list(gate.step), gate.rows, now_s, put)  # (3)-(6)
         except Exception as e:  # noqa: BLE001 - the step's requests are answered, the engine goes on
             self._fail_step(involved, e, put)
         if self.has_work():
@@ -179,13 +186,14 @@ class Engine:
             state.joined_s = now_s
             self.running[rid] = self.waiting.pop(rid)
 
-    def _advance(self, batch: list[RequestState], now_s: float, put: Emit) -> None:
+    def _advance(self, batch: list[RequestState], rows, now_s: float, put: Emit) -> None:
         before = tuple(s.step_index for s in batch)
         shape = self.cost.shape(batch) if self.cost is not None else None
         predicted = self.cost.predictor.predict(shape) if shape is not None else None
         t0 = self.clock()
         # (3) one executor run for every advancing request (if it raises, the step fails as a whole)
-        preds, stats = self.denoiser.run([self.pipeline.denoiser_inputs(s.run) for s in batch])
+        preds, stats = self.denoiser.run([self.pipeline.denoiser_inputs(s.run) for s in batch],
+                                         list(rows) if rows is not None else None)
         # (4) each request's sampler update and the early-exit rule; a failure fails that request alone
         for s, pred in zip(batch, preds, strict=True):
             try:
@@ -287,6 +295,7 @@ class Engine:
             self._drops_unlogged, self._last_drop_log_s = 0, now_s
 
     def _final(self, s: RequestState, reason: FinishReason, image=None, error=None) -> RequestOutput:
+        self.adapters.release(s.request_id)  # every answer passes here: its adapters are unpinned
         return RequestOutput(
             s.request_id, True, s.step_index, s.params.num_steps, image, error, reason, s.arrival_s, s.done_s,
             s.deadline_s, s.slack_at_join, s.size, s.asked_steps or s.params.num_steps, s.exited,

@@ -42,7 +42,9 @@ class CallStats:
 class Denoiser(Protocol):
     """Runs one denoising step for many requests at once (executors.denoise)."""
 
-    def run(self, items: list[Inputs]) -> tuple[list[Any], CallStats]: ...
+    def run(self, items: list[Inputs], adapters: list[Any] | None = None) -> tuple[list[Any], CallStats]:
+        """`adapters`: per item, its (loaded adapter, scale) pairs for this step (None: nobody has any)."""
+        ...
 
 
 class Pipeline(Protocol):

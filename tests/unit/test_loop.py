@@ -55,7 +55,7 @@ class Sink:
 
 
 class _Denoiser(_SimDenoiser):
-    def run(self, items):  # FaultyDenoiser looks into each item's inputs: give it dicts
+    def run(self, items, adapters=None):  # FaultyDenoiser looks into each item's inputs: give it dicts
         return super().run([it["sample"] for it in items])
 
 

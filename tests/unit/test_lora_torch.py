@@ -44,18 +44,9 @@ def _tiny_unet():
 
 def _write_lora(base, out_dir, seed: int, metadata: bool, **config) -> None:
     """A random LoRA for `base` in the file format `save_lora_weights` writes (PEFT's state dict keys)."""
-    from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
+    from tessera_export.tiny import write_random_lora
 
-    model = copy.deepcopy(base)
-    cfg = LoraConfig(init_lora_weights=False, **config)
-    model.add_adapter(cfg, adapter_name="a")
-    g = torch.Generator().manual_seed(seed)
-    shapes = {k: v.shape for k, v in get_peft_model_state_dict(model, adapter_name="a").items()}
-    state = {k: torch.randn(shape, generator=g) * 0.05 for k, shape in shapes.items()}
-    StableDiffusionPipeline.save_lora_weights(
-        out_dir, unet_lora_layers=state, unet_lora_adapter_metadata=cfg.to_dict() if metadata else None)
+    write_random_lora(base, out_dir, seed, metadata, **config)
 
 
 @pytest.fixture(scope="module")

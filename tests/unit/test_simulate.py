@@ -100,7 +100,7 @@ def test_profile_runs_the_biggest_step_first_untimed_and_fits_the_virtual_costs(
     calls = []
 
     class Denoiser(_SimDenoiser):
-        def run(self, runs):
+        def run(self, runs, adapters=None):
             calls.append(sorted((r.params.height, r.params.width) for r in runs))
             return super().run(runs)
 

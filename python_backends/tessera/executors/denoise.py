@@ -13,6 +13,7 @@ device and dtype, outputs come back as FP32 numpy on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -21,7 +22,7 @@ import numpy as np
 from ..interfaces import CallStats, Inputs
 from ..options import Family
 
-DenoiseCall = Callable[[Inputs], np.ndarray]
+DenoiseCall = Callable[..., np.ndarray]  # (inputs, adapters=None): adapters per item, with its rows (CFG halves)
 
 
 def _concat(items: list[Inputs]) -> Inputs:
@@ -45,7 +46,7 @@ class ConcatDenoiser:
     def __init__(self, call: DenoiseCall):
         self.call = call
 
-    def run(self, items: list[Inputs]) -> tuple[list[np.ndarray], CallStats]:
+    def run(self, items: list[Inputs], adapters: list | None = None) -> tuple[list[np.ndarray], CallStats]:
         groups: dict[tuple, list[int]] = {}
         for i, it in enumerate(items):
             key = it["sample"].shape[1:] + it["encoder_hidden_states"].shape[1:]
@@ -55,7 +56,9 @@ class ConcatDenoiser:
         for idxs in groups.values():
             group = [items[i] for i in idxs]
             merged = _concat(group)
-            for i, o in zip(idxs, _split(self.call(merged), group), strict=True):
+            own = [(adapters[i], items[i]["sample"].shape[0]) for i in idxs] if adapters else None
+            out = self.call(merged) if own is None else self.call(merged, own)  # only torch calls take adapters
+            for i, o in zip(idxs, _split(out, group), strict=True):
                 outs[i] = o
             batch.append(merged["sample"].shape[0])
             reqs.append(len(idxs))
@@ -66,12 +69,22 @@ def torch_call(model, family: Family) -> DenoiseCall:
     """A numpy-in, numpy-out call of a diffusers denoiser (UNet2DConditionModel or SD3Transformer2DModel)."""
     import torch
 
-    def call(inputs: Inputs) -> np.ndarray:
+    def call(inputs: Inputs, adapters=None) -> np.ndarray:
+        """`adapters`: per item of the call, (its (adapter, scale) pairs, its rows): applied per row."""
         t = to_model(model, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()})
-        with torch.no_grad():
+        with torch.no_grad(), _rows(model, adapters):
             return to_host(torch_forward(model, family, t))
 
     return call
+
+
+def _rows(model, adapters):
+    """Per-row LoRA for one call (executors/lora_torch), or nothing."""
+    if not adapters or not any(a for a, _ in adapters):
+        return contextlib.nullcontext()
+    from .lora_torch import LoraPlan, lora_rows
+
+    return lora_rows(model, LoraPlan.for_items([a for a, _ in adapters], [n for _, n in adapters]))
 
 
 def to_model(model, tensors: dict) -> dict:
@@ -106,7 +119,9 @@ class PatchDenoiser:
     def __init__(self, model, family: Family, multiple: int, patch_size: int = 0):
         self.model, self.family, self.multiple, self.patch_size = model, family, multiple, patch_size
 
-    def run(self, items: list[Inputs]) -> tuple[list[np.ndarray], CallStats]:
+    def run(self, items: list[Inputs], adapters: list | None = None) -> tuple[list[np.ndarray], CallStats]:
+        if adapters is not None and any(adapters):
+            raise RuntimeError("adapters: exact patches cannot apply LoRA yet (needs denoise_mode concat)")
         import torch
 
         from ..patch_index import PatchIndex, patch_edge
@@ -154,7 +169,9 @@ class TiledDenoiser:
             raise ValueError(f"tile_overlap: must be in [0, tile_size); allowed [0, {tile}), got {overlap}")
         self.call, self.tile, self.overlap = call, tile, overlap
 
-    def run(self, items: list[Inputs]) -> tuple[list[np.ndarray], CallStats]:
+    def run(self, items: list[Inputs], adapters: list | None = None) -> tuple[list[np.ndarray], CallStats]:
+        if adapters is not None and any(adapters):
+            raise RuntimeError("adapters: tiles cannot apply LoRA yet (needs denoise_mode concat)")
         T = self.tile
         rows: list[Inputs] = []
         places = []  # (item, row-in-item, y, x)

@@ -30,3 +30,25 @@ def make_denoiser(config: EngineConfig, spec: PipelineSpec, repo: str | Path, co
     if config.denoise_mode is DenoiseMode.TILED:
         return TiledDenoiser(call, config.tile_size, config.tile_overlap)
     return ConcatDenoiser(call)
+
+
+def make_adapters(config: EngineConfig):
+    """The engine's per-request adapters: none, or LoRA from `lora_dir` with bounded asynchronous loading
+    (adapters.LoraAdapters) applied by the torch denoiser (executors/lora_torch)."""
+    from ..adapters import LoraAdapters, NoAdapters
+
+    if not config.lora_dir:
+        return NoAdapters()
+    from ..bal import Bal
+    from ..lora_cache import LoraCache, LoraLoader
+    from ..lora_registry import LoraRegistry
+    from .lora_torch import load_lora
+
+    def load(path: Path):
+        adapter = load_lora(path)
+        return adapter, adapter.nbytes
+
+    registry = LoraRegistry(config.lora_dir)
+    loader = LoraLoader(LoraCache(config.lora_cache_mb << 20), registry.path, load,
+                        load_delay_s=config.lora_load_delay_ms / 1e3)
+    return LoraAdapters(registry, loader, Bal(loader, lambda name, steps: registry.k_for(name, steps, config.lora_k)))

@@ -29,7 +29,7 @@ from ..config import EngineConfig
 from ..cost import CostModel
 from ..engine import Engine
 from ..errors import CancelledError, ExecutorError, OverloadedError, RefusedError, ShutdownError
-from ..executors.factory import make_denoiser
+from ..executors.factory import make_adapters, make_denoiser
 from ..faults import inject
 from ..fanin import Answer, FanIn
 from ..generation import Txt2Img
@@ -108,7 +108,8 @@ class TritonPythonModel:
         policy = make_policy(config.policy, config.max_batch, self.cost, config.on_hopeless, config.min_steps,
                              config.round_steps, config.deadline_margin, config.early_refusal)
         self.engine = Engine(pipeline, denoiser, policy, cost=self.cost, slo_scale=config.slo_scale,
-                             exit_rule=config.exit_rule(), early_exit=bool(config.early_exit))
+                             exit_rule=config.exit_rule(), early_exit=bool(config.early_exit),
+                             adapters=make_adapters(config))
         self.metrics = EngineMetrics(self.name, self.engine, self.cost, pending=lambda: self.loop.pending)
         self.fanin = FanIn()
         self.warm = False
@@ -159,7 +160,7 @@ class TritonPythonModel:
         client = _Client(request, sender, request.request_id() or "")
         try:
             tensors = {n: input_or_none(request, n) for n in ENTRY_INPUT_NAMES}
-            items = parse_request(tensors, self.spec.limits, self.pipeline.count_tokens)
+            items = parse_request(tensors, self.spec.limits, self.pipeline.count_tokens, self.engine.adapters.names())
             flags = {n: input_or_none(request, n) for n in STREAM_INPUTS}
             progress, preview = (bool(flags[n] is not None and flags[n].any()) for n in ("progress", "preview"))
         except Exception as e:  # noqa: BLE001 - answered per request
