@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .models import EVAL_SIZE
+from .models import Evaluator
 from .shapes import RESOLUTIONS, STYLES, batch
 
 WEIGHTS_NAME = "style_evaluator.pt"
@@ -40,12 +40,7 @@ class StyleEvaluator(nn.Module):
         self.conv = nn.Sequential(*layers)
         self.head = nn.Linear(2 * chans[-1], n_styles)
 
-    @staticmethod
-    def prepare(images01: torch.Tensor) -> torch.Tensor:
-        """[N, H, W, 3] or [N, 3, H, W] in [0, 1] -> [N, 3, 64, 64] in [-1, 1] (as the main evaluator)."""
-        x = images01.permute(0, 3, 1, 2) if images01.shape[-1] == 3 else images01
-        x = F.interpolate(x.float(), size=(EVAL_SIZE, EVAL_SIZE), mode="area")
-        return x * 2 - 1
+    prepare = staticmethod(Evaluator.prepare)  # the main evaluator's input: [N, 3, 64, 64] in [-1, 1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv(x)
