@@ -295,9 +295,12 @@ def save_pipeline(out: Path, vae, nets, tok) -> Path:
         unet=copy.deepcopy(nets["unet"]), scheduler=M.sampler(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
-    # Stored in fp32 so that a plain from_pretrained loads one dtype; the values are rounded through fp16 as
-    # they always were, so a run on the recorded checkpoint still writes the committed weights byte for byte.
-    pipe.to(torch.float16).to(torch.float32).save_pretrained(out, safe_serialization=True)
+    # Weights stored in fp16 (half the bytes). diffusers loads the UNet and VAE as fp32 by default, but
+    # transformers loads the text encoder in the dtype its config names: the config says float32, so a plain
+    # DiffusionPipeline.from_pretrained gives one dtype and generates.
+    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    config = out / "text_encoder" / "config.json"
+    config.write_text(config.read_text().replace('"dtype": "float16"', '"dtype": "float32"'))
     return out
 
 
