@@ -3,6 +3,7 @@ other styles differ from it and keep the label's colour dominant; the style eval
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -11,39 +12,10 @@ import pytest
 from tessera.quality import shapes as S
 
 
-def _render_before_styles(label, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
-    """shapes.render as it was before styles existed (verbatim)."""
-    ss = 2
-    h, w = height * ss, width * ss
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    yy, xx = (yy + 0.5) / h, (xx + 0.5) / w  # fractions of the image
-    base = rng.uniform(0.12, 0.28)
-    tint = rng.uniform(-0.03, 0.03, size=3)
-    grad = rng.uniform(-0.06, 0.06)
-    img = np.empty((h, w, 3), np.float32)
-    img[:] = (base + tint)[None, None, :]
-    img += (grad * (yy - 0.5))[..., None]
-    row, col = divmod(label.position, 2)
-    cy = (0.25 + 0.5 * row) + rng.uniform(-0.06, 0.06)
-    cx = (0.25 + 0.5 * col) + rng.uniform(-0.06, 0.06)
-    r = rng.uniform(0.13, 0.20)  # of the smaller side
-    aspect = h / w
-    dy = (yy - cy) / r
-    dx = (xx - cx) / r / aspect if aspect < 1 else (xx - cx) / r
-    if aspect > 1:
-        dy = dy * aspect
-    shape = S.SHAPES[label.shape]
-    if shape == "circle":
-        mask = dx**2 + dy**2 <= 1.0
-    elif shape == "square":
-        mask = (np.abs(dx) <= 0.85) & (np.abs(dy) <= 0.85)
-    else:  # triangle, apex up
-        mask = (dy <= 0.8) & (dy >= -1.0 + 1.8 * np.abs(dx) / 1.0) & (np.abs(dx) <= 1.0)
-    colour = np.array(S.RGB[S.COLOURS[label.colour]], np.float32) * rng.uniform(0.85, 1.0)
-    img[mask] = colour
-    img = img.reshape(height, ss, width, ss, 3).mean(axis=(1, 3))
-    img += rng.normal(0, 0.01, size=img.shape).astype(np.float32)
-    return np.clip(img, 0.0, 1.0)
+# SHA-256 of shapes.render's output before styles existed (computed with that code, kept here instead of a copy
+# of it): CASES rendered in order, and the 6-image batch of seed 3 at 64x128.
+BEFORE_STYLES_CASES = "6b23a455249190f28642f98f0ab2f939af013a97cdb477c81961486fd9779a13"
+BEFORE_STYLES_BATCH = "88a4d346183329c5d24ffdaa164eb59141b5dc71f6680c9f77a39ba402a832e5"
 
 
 CASES = [(lb, hw, seed) for seed in (0, 7) for lb in S.all_labels()[::5] for hw in S.RESOLUTIONS[::3]]
@@ -51,11 +23,13 @@ CASES = [(lb, hw, seed) for seed in (0, 7) for lb in S.all_labels()[::5] for hw 
 
 @pytest.mark.parametrize("style_arg", [None, "plain"])
 def test_plain_is_byte_identical_to_the_rendering_before_styles(style_arg):
+    digest = hashlib.sha256()
     for lb, (h, w), seed in CASES:
-        old = _render_before_styles(lb, h, w, np.random.default_rng(seed))
         kw = {} if style_arg is None else {"style": style_arg}
         new = S.render(lb, h, w, np.random.default_rng(seed), **kw)
-        assert new.dtype == old.dtype and new.tobytes() == old.tobytes(), (lb, h, w, seed)
+        assert new.dtype == np.float32, (lb, h, w, seed)
+        digest.update(new.tobytes())
+    assert digest.hexdigest() == BEFORE_STYLES_CASES
 
 
 def test_batch_default_is_unchanged_and_styles_draw_the_same_random_numbers():
@@ -63,8 +37,8 @@ def test_batch_default_is_unchanged_and_styles_draw_the_same_random_numbers():
     rng = np.random.default_rng(3)
     pool = S.all_labels()
     labels = [pool[i] for i in rng.integers(0, len(pool), size=6)]
-    old = np.stack([_render_before_styles(lb, 64, 128, rng) for lb in labels])
-    assert a[0].tobytes() == old.tobytes() and a[2] == [lb.caption for lb in labels]
+    assert hashlib.sha256(a[0].tobytes()).hexdigest() == BEFORE_STYLES_BATCH
+    assert a[2] == [lb.caption for lb in labels]
     after = {}
     for style in S.STYLES:
         rng = np.random.default_rng(11)

@@ -178,22 +178,27 @@ def train_vae(work: Path, budget: Budget, seed: int = 0):
 
 
 @torch.no_grad()
-def latent_dataset(vae, work: Path, per_res: int, seed: int = 0) -> dict:
-    """Rendered images at every resolution, encoded once: {(h, w): (latents [N,4,h/8,w/8], captions)}."""
-    path = work / f"latents-{per_res}.pt"
+def latent_dataset(vae, work: Path, per_res: int, seed: int = 0, style: str = "plain",
+                   resolutions=RESOLUTIONS) -> dict:
+    """Rendered images at every resolution, encoded once: {(h, w): (latents [N,4,h/8,w/8], captions)}, cached
+    in `work`. Every style draws the same random numbers: a styled dataset is the plain one's scenes, restyled."""
+    if style == "plain" and tuple(resolutions) == tuple(RESOLUTIONS):
+        path = work / f"latents-{per_res}.pt"  # the reference's cache name
+    else:
+        path = work / f"latents-{style}-{per_res}-{'x'.join(f'{h}-{w}' for h, w in resolutions)}.pt"
     if path.exists():
         return torch.load(path, weights_only=False)
     rng = np.random.default_rng(seed + 3)
     data = {}
-    for h, w in RESOLUTIONS:
+    for h, w in resolutions:
         n = per_res * (4 if (h, w) == (64, 64) else 1)
         zs, caps = [], []
         for i in range(0, n, 128):
-            images, _, captions = batch(min(128, n - i), h, w, rng)
+            images, _, captions = batch(min(128, n - i), h, w, rng, style=style)
             zs.append(vae.encode(_to_tensor(images)).latent_dist.mean * vae.config.scaling_factor)
             caps += captions
         data[(h, w)] = (torch.cat(zs), caps)
-        print(f"[tessera] train dataset: {n} latents at {w}x{h}", flush=True)
+        print(f"[tessera] train dataset ({style}): {n} latents at {w}x{h}", flush=True)
     torch.save(data, path)
     return data
 

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from . import models as M
-from .shapes import RESOLUTIONS, STYLES, all_labels, batch
-from .train import _bar, _to_tensor, training_draws, v_loss
+from .shapes import RESOLUTIONS, STYLES, all_labels
+from .train import _bar, latent_dataset, training_draws, v_loss
 
 # diffusers' SD LoRA scripts target to_q/to_k/to_v/to_out.0; the DreamBooth/advanced ones add the
 # transformer's feed-forward and projections, and conv LoRA (LyCORIS "LoCon") the ResNet convolutions. A
@@ -72,28 +72,6 @@ def load_reference(heavy_dir: str | Path):
     return pipe
 
 
-@torch.no_grad()
-def styled_latents(vae, style: str, work: Path, per_res: int, seed: int = 0,
-                   resolutions=RESOLUTIONS) -> dict:
-    """Like train.latent_dataset, in `style`: {(h, w): (latents, captions)}, cached in `work`. The same rng
-    seed as the reference's dataset, so the images are the reference's scenes, restyled."""
-    tag = "x".join(f"{h}-{w}" for h, w in resolutions)
-    path = work / f"latents-{style}-{per_res}-{tag}.pt"
-    if path.exists():
-        return torch.load(path, weights_only=False)
-    rng = np.random.default_rng(seed + 3)
-    data = {}
-    for h, w in resolutions:
-        n = per_res * (4 if (h, w) == (64, 64) else 1)
-        zs, caps = [], []
-        for i in range(0, n, 128):
-            images, _, captions = batch(min(128, n - i), h, w, rng, style=style)
-            zs.append(vae.encode(_to_tensor(images)).latent_dist.mean * vae.config.scaling_factor)
-            caps += captions
-        data[(h, w)] = (torch.cat(zs), caps)
-    print(f"[tessera] train-lora dataset: {style}, {sum(len(v[0]) for v in data.values())} latents", flush=True)
-    torch.save(data, path)
-    return data
 
 
 @torch.no_grad()
@@ -270,7 +248,7 @@ def train_lora(out_dir: str | Path, heavy_dir: str | Path = "quality_models/heav
                                                                          style_evaluator)}
     for i, style in enumerate(styles):
         left = max(minutes - (time.monotonic() - t_start) / 60, 0.0) / (len(styles) - i)
-        data = styled_latents(pipe.vae, style, work, settings.per_res, seed, settings.resolutions)
+        data = latent_dataset(pipe.vae, work, settings.per_res, seed, style, settings.resolutions)
         unet, res = train_style(pipe, style, data, embs, work, settings, left, seed)
         path = save_adapter(unet, out / style)
         res |= {"file": str(path.relative_to(out)), "bytes": path.stat().st_size,
