@@ -9,7 +9,7 @@
       executor run for every stepping request (the executor may batch by resolution, patches or tiles);
   (4) each request's own sampler takes its step (Pipeline.apply), then the entropy early-exit rule;
   (5) finished requests are decoded and answered at once (earliest deadline first); progress events;
-  (6) a StepRecord for metrics. The cost model learns from what was measured along the way (joins,
+  (6) a StepRecord for metrics (appended before (5) answers, so a final's metrics hold its last step). The cost model learns from what was measured along the way (joins,
       the step, each decode with its answer).
 Failures are contained: a request whose own work raises (start, sampler, decode, preview) fails alone
 with INTERNAL naming it; if the step as a whole raises (the plan, the denoiser run) every request of
@@ -205,6 +205,12 @@ class Engine:
         if shape is not None:
             self.cost.predictor.observe(shape, measured)
         end_s = self.clock()
+        # (6) the StepRecord, written before anyone is answered: a final's metrics include its own last step
+        self.records.append(StepRecord(
+            self.step_no, now_s, end_s, tuple(s.request_id for s in batch), before, tuple(s.size for s in batch),
+            stats.batch, stats.resolutions, stats.requests, predicted, measured,
+        ))
+        self.step_no += 1
         # (5) finished requests decoded one by one, earliest deadline first (as CostModel.finish_times
         # assumes) and answered at once: a small image is not held behind a big one's decode
         for s in sorted(batch, key=lambda s: s.deadline_s):
@@ -219,12 +225,6 @@ class Engine:
             put(out)  # answered now (emit)
             if out.ok:  # a finish holds the loop for its decode and its answer: the cost model learns both
                 self._observe_finish(s, self.clock() - t0)
-        # (6) record
-        self.records.append(StepRecord(
-            self.step_no, now_s, end_s, tuple(s.request_id for s in batch), before, tuple(s.size for s in batch),
-            stats.batch, stats.resolutions, stats.requests, predicted, measured,
-        ))
-        self.step_no += 1
 
     def _finish(self, s: RequestState) -> RequestOutput:
         """Decode a finished request; it leaves `running` with its output built (never unanswered)."""

@@ -81,8 +81,9 @@ def test_continuous_batching_request_joins_mid_way(server):
     while not is_final(s.get()[0]):
         pass
     s.close()
-    after = metric(server, "tessera_mixed_step_calls_total", "engine")
-    assert after - before >= 4, "the short request shared its 4 steps with the long one at other step indices"
+    # metrics are applied on their own thread: wait until they have caught up with both finals
+    wait_for(lambda: metric(server, "tessera_mixed_step_calls_total", "engine") - before >= 4,
+             timeout_s=10, what="the short request's 4 steps shared with the long one at other step indices")
 
 
 def test_cancel_100_streamed_requests_mid_denoise(server):
@@ -121,6 +122,7 @@ def test_cancel_100_streamed_requests_mid_denoise(server):
 def test_exact_patches_engine_serves_mixed_resolutions_like_concat(server):
     c = make_client("grpc", server.grpc_url)
     calls_before = metric(server, "tessera_denoiser_calls_total", "engine_patches")
+    done_before = metric(server, "tessera_requests_total", "engine_patches", outcome="completed")
     sizes = [(64, 64), (64, 128), (128, 64)]
     s = Stream(server)
     for i, (h, w) in enumerate(sizes):
@@ -135,6 +137,9 @@ def test_exact_patches_engine_serves_mixed_resolutions_like_concat(server):
     for i, (h, w) in enumerate(sizes):
         ref = infer_image(c, "grpc", request_arrays(PROMPT, h, w, steps=6, seed=i), model="txt2img")
         assert np.abs(patched[f"x{i}"].astype(int) - ref.astype(int)).max() <= 2
+    # the metrics thread applies each final's step totals with its outcome: wait for the third
+    wait_for(lambda: metric(server, "tessera_requests_total", "engine_patches", outcome="completed") - done_before == 3,
+             timeout_s=10, what="the metrics of the three finals")
     res = metric(server, "tessera_denoiser_resolutions_total", "engine_patches")
     calls = metric(server, "tessera_denoiser_calls_total", "engine_patches") - calls_before
     assert calls <= 6 + 2 and res > calls, "mixed resolutions shared denoiser calls"
