@@ -31,6 +31,8 @@ def _cmd_export(a: argparse.Namespace) -> int:
     from .config import EngineConfig
 
     limits = Limits(min_size=a.min_size, max_size=a.max_size, max_steps=a.max_steps)
+    if a.executor is None:
+        a.executor = Executor.LOCAL.value if a.target == "cpu" else Executor.BLS.value
     config = EngineConfig(
         policy=a.policy, max_batch=a.max_batch, max_in_flight=a.max_in_flight, executor=a.executor,
         denoiser_runtime=a.denoiser_runtime, denoise_mode=a.denoise_mode, patch_size=a.patch_size,
@@ -102,7 +104,7 @@ def _cmd_train_style_evaluator(a: argparse.Namespace) -> int:
     from .quality.style_eval import train_style_evaluator
 
     report = train_style_evaluator(a.out, a.work, minutes=a.minutes, steps=a.steps, seed=a.seed,
-                                   vae_dir=a.vae or None, n_test=a.test_images)
+                                   vae_dir=a.vae or None, n_test=a.test_images, roundtrip=a.roundtrip)
     print(f"[tessera] train-style-evaluator: {report}")
     return 0
 
@@ -117,6 +119,24 @@ def _cmd_train_lora(a: argparse.Namespace) -> int:
                         settings=settings, eval_images=a.eval_images, eval_steps=a.eval_steps,
                         evaluators_dir=a.evaluators, command=command)
     print(f"[tessera] train-lora: {report['styles']}")
+    return 0
+
+
+def _cmd_lora_profile(a: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .quality.lora_profile import lora_profile
+
+    _single_thread()
+    try:
+        steps = [int(x) for x in a.steps.split(",")]
+    except ValueError:
+        raise ConfigError(f"--steps: allowed comma-separated step counts (50,20), got {a.steps!r}") from None
+    names = [n for n in a.names.split(",") if n] if a.names else None
+    profiles = lora_profile(a.lora_dir, a.base, names=names, steps_list=steps, threshold=a.threshold,
+                            n_prompts=a.prompts, size=a.size, guidance=a.guidance, seed=a.seed)
+    for name, profile in profiles.items():
+        table = sorted(((int(s), k) for s, k in profile["k_by_steps"].items()), reverse=True)
+        print(f"[tessera] lora-profile {name}: " + ", ".join(f"{s} steps K={k}" for s, k in table))
     return 0
 
 
@@ -200,8 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target", choices=["cpu", "gpu"], default="cpu",
                    help="cpu: ONNX Runtime components; gpu: TensorRT plans (needs TensorRT and a CUDA GPU)")
     e.add_argument("--prefix", default="", help="prefix for every model name (several pipelines in one repo)")
-    e.add_argument("--executor", choices=[m.value for m in Executor], default=Executor.BLS.value,
-                   help="engine calls components over BLS, or runs their ONNX files in-process")
+    e.add_argument("--executor", choices=[m.value for m in Executor], default=None,
+                   help="engine calls components over BLS, or runs their ONNX files in-process (default: local "
+                        "for --target cpu, where it saves the components' IPC (perf/results/overhead.json); bls "
+                        "for --target gpu, where the components are TensorRT models)")
     e.add_argument("--policy", choices=[m.value for m in PolicyName], default=PolicyName.ROUNDS.value,
                    help="request scheduling policy (default: %(default)s, the best full-step policy measured)")
     e.add_argument("--on-hopeless", choices=[m.value for m in OnHopeless], default=OnHopeless.DROP.value,
@@ -309,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--steps", type=int, default=1500, help="training steps (batch 32) to reach")
     se.add_argument("--vae", default="quality_models/heavy/vae",
                     help="VAE directory: also report accuracy after its encode/decode round trip ('' to skip)")
+    se.add_argument("--roundtrip", type=float, default=0.5,
+                    help="share of training batches passed through the VAE first (needs --vae; 0: clean only)")
     se.add_argument("--test-images", type=int, default=50, help="test images per style and resolution")
     se.add_argument("--seed", type=int, default=0, help="seed of the weights and the data")
     se.set_defaults(fn=_cmd_train_style_evaluator)
@@ -336,6 +360,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="directory holding evaluator.pt and style_evaluator.pt (either may be missing)")
     tl.add_argument("--seed", type=int, default=0, help="seed of the adapters' init, the data and the evaluation")
     tl.set_defaults(fn=_cmd_train_lora)
+
+    lp = sub.add_parser("lora-profile", help="profile each adapter's BAL step K per step count (cosine of "
+                                             "latents with and without it), written beside the adapter")
+    lp.add_argument("lora_dir", help="the adapter directory (lora_dir); profiles go to <name>.profile.json "
+                                     "or <name>/profile.json")
+    lp.add_argument("--base", default="quality_models/heavy",
+                    help="the diffusers pipeline the adapters are for")
+    lp.add_argument("--names", default=None,
+                    help="comma-separated adapters to profile (none: every adapter of lora_dir)")
+    lp.add_argument("--steps", default="50,20", help="comma-separated step counts to profile")
+    lp.add_argument("--threshold", type=float, default=0.95,
+                    help="K = leading steps whose mean latent cosine similarity stays >= this")
+    lp.add_argument("--prompts", type=int, default=8, help="the first N shapes captions, seeds SEED+i")
+    lp.add_argument("--size", type=int, default=64, help="image height and width, pixels")
+    lp.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
+    lp.add_argument("--seed", type=int, default=0, help="noise seed of the first prompt")
+    lp.set_defaults(fn=_cmd_lora_profile)
     return p
 
 

@@ -98,3 +98,27 @@ def test_style_evaluator_trains_and_writes_metadata(tmp_path):
     images = S.batch(3, 64, 128, np.random.default_rng(0), style="dark")[0]
     pred = predict_styles(model, (images * 255).astype(np.uint8))
     assert pred.shape == (3,) and set(pred.tolist()) <= set(range(len(S.STYLES)))
+
+
+def test_style_evaluator_roundtrip_training_goes_through_the_vae(tmp_path, tiny_pipelines):
+    import torch
+
+    from tessera.quality.style_eval import train_style_evaluator, vae_roundtrip
+
+    with pytest.raises(ValueError, match="roundtrip: needs a VAE"):
+        train_style_evaluator(tmp_path / "o", tmp_path / "w", steps=1, roundtrip=0.5)
+    with pytest.raises(ValueError, match=r"roundtrip: allowed \[0, 1\]"):
+        train_style_evaluator(tmp_path / "o", tmp_path / "w", steps=1, roundtrip=2, vae_dir=tiny_pipelines["unet"] / "vae")
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_pipelines["unet"] / "vae").eval()
+    images = S.batch(2, 64, 64, np.random.default_rng(0), style="striped")[0]
+    out = vae_roundtrip(vae, images)
+    assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1 and not np.allclose(out, images, atol=0.02)
+    threads = torch.get_num_threads()
+    try:
+        report = train_style_evaluator(tmp_path / "o", tmp_path / "w", minutes=1, steps=2, n_test=1, batch_size=4,
+                                       vae_dir=tiny_pipelines["unet"] / "vae", roundtrip=1.0)
+    finally:
+        torch.set_num_threads(threads)
+    assert report["roundtrip_share"] == 1.0 and set(report["vae_roundtrip_accuracy"]) == {*S.STYLES, "mean", "n"}
