@@ -92,10 +92,12 @@ def test_lora_quality_seed_floor_and_drops():
     a = {"style": 0.9, "colour": 1.0, "shape": 0.75, "position": 0.5, "style_predicted": {"plain": 1}}
     b = {"style": 0.8, "colour": 1.0, "shape": 0.8, "position": 0.5}
     res = lq.seed_floor(a, b, n=48)
-    assert res["floor"] == {"style": 0.1, "colour": 0.0, "shape": 0.05, "position": 0.0}
+    assert res["measured"] == {"style": 0.1, "colour": 0.0, "shape": 0.05, "position": 0.0}
     assert res["se_diff"]["colour"] == 0.0
     assert res["se_diff"]["style"] == pytest.approx(math.sqrt(0.09 / 48 + 0.16 / 48), abs=1e-4)
-    assert lq.seed_floor({"colour": 1.0}, {"colour": 0.5, "style": 1.0}, 4)["floor"] == {"colour": 0.5}
+    se_shape = round(math.sqrt(0.75 * 0.25 / 48 + 0.8 * 0.2 / 48), 4)  # 0.0853 > the measured 0.05
+    assert res["floor"] == {"style": 0.1, "colour": 0.0, "shape": se_shape, "position": res["se_diff"]["position"]}
+    assert lq.seed_floor({"colour": 1.0}, {"colour": 0.5, "style": 1.0}, 4)["measured"] == {"colour": 0.5}
     at_k = {"style": 0.8, "colour": 0.98, "shape": 0.8, "position": 0.5}
     drop, within = lq.drops(at_k, a, res["floor"])
     assert drop == {"style": 0.1, "colour": 0.02, "shape": -0.05, "position": 0.0}
