@@ -8,16 +8,35 @@ Pure: the loaded adapters are opaque values (the torch executor's LoraAdapter); 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from .bal import Bal, BalAction
+from .bal import Bal, BalAction, effective_k
 from .errors import RequestFailedError
 from .lora_cache import LoraLoader
 from .lora_registry import LoraRegistry
+from .options import LoraBatching
 from .request import RequestState
 
 Assignment = tuple[tuple[Any, float], ...]  # one request's (loaded adapter, scale) pairs for this step
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterCounters:
+    """Adapter metrics since start (cache_bytes and cache_entries: now)."""
+
+    loads: int = 0  # adapter files read
+    load_failures: int = 0
+    load_bytes: int = 0
+    load_s: float = 0.0  # seconds spent loading, summed (emulated storage delay included)
+    cache_hits: int = 0  # an admitted request's adapter already in memory
+    cache_misses: int = 0
+    cache_bytes: int = 0
+    cache_entries: int = 0
+    joins: int = 0  # requests whose adapters joined
+    steps_before_join: int = 0  # steps run without their adapters, summed over joins
+    wait_steps: int = 0  # request-steps sat out at K, adapters still loading
+    requests_waited: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,24 +64,35 @@ class NoAdapters:
     def release(self, request_id: str) -> None:
         pass
 
+    def counters(self) -> AdapterCounters:
+        return AdapterCounters()
+
 
 @dataclass
 class LoraAdapters:
     """LoRA per request with BAL: loads start at admission (off the step loop), a request steps without
     its adapters until they are in memory and joins them at the next step boundary; still missing at its K,
-    it sits steps out while the others step (`idle_wait_s` at most per step when nobody can step)."""
+    it sits steps out while the others step (`idle_wait_s` at most per step when nobody can step).
+    `batching=one_set`: each step runs the adapter set of its most urgent request (none counts as a set) and
+    the other requests sit it out (the one-adapter-per-batch baseline of perf/lora.py)."""
 
     registry: LoraRegistry
     loader: LoraLoader
     bal: Bal
+    batching: LoraBatching = LoraBatching.MIXED
     idle_wait_s: float = 0.05
-    waits: int = field(default=0)  # request-steps sat out at K
 
     def names(self) -> frozenset[str]:
         return self.registry.names()
 
     def admit(self, state: RequestState) -> None:
-        self.bal.admit(state.request_id, state.params.lora, state.params.num_steps)
+        """Start its loads; tell the cost model its K and, when an adapter is not in memory yet, how long
+        the load is expected to take (the mean of the loads so far)."""
+        k = self.bal.admit(state.request_id, state.params.lora, state.params.num_steps)
+        state.adapter_k = effective_k(k, state.params.num_steps)
+        if any(not self.loader.ready(n) for n in state.params.lora.names):
+            stats = self.loader.stats()
+            state.adapter_load_s = stats.load_s / stats.loads if stats.loads else 0.0
 
     def gate(self, batch: Sequence[RequestState]) -> Gate:
         step, rows, wait, failed = [], [], [], []
@@ -74,8 +104,13 @@ class LoraAdapters:
                 wait.append(s)
             else:
                 step.append(s)
-                rows.append(tuple((self.loader.get(name), scale) for name, scale in d.lora.entries))
-        self.waits += len(wait)
+                rows.append(d.lora)
+        if self.batching is LoraBatching.ONE_SET and step:  # the most urgent request's set; the rest sit out
+            chosen = rows[min(range(len(step)), key=lambda i: step[i].deadline_s)]
+            wait += [s for s, lora in zip(step, rows, strict=True) if lora != chosen]
+            step = [s for s, lora in zip(step, rows, strict=True) if lora == chosen]
+            rows = [chosen] * len(step)
+        rows = [tuple((self.loader.get(name), scale) for name, scale in lora.entries) for lora in rows]
         if wait and not step:  # nobody can step: wait (briefly) for one missing adapter instead of spinning
             missing = [n for s in wait for n in s.params.lora.names if not self.loader.ready(n)]
             if missing:
@@ -87,3 +122,9 @@ class LoraAdapters:
 
     def release(self, request_id: str) -> None:
         self.bal.finish(request_id)
+
+    def counters(self) -> AdapterCounters:
+        loads, cache, bal = self.loader.stats(), self.loader.cache.stats(), self.bal.counters()
+        return AdapterCounters(loads.loads, loads.load_failures, loads.bytes_loaded, loads.load_s, cache.hits,
+                               cache.misses, cache.bytes_held, cache.entries, bal.joins, bal.steps_before_join,
+                               bal.wait_steps, bal.requests_waited)

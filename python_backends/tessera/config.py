@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from .errors import ConfigError
-from .options import DenoiseMode, EarlyRefusal, Executor, LastStep, OnHopeless, Option, PolicyName, Runtime, Switch
+from .options import (DenoiseMode, EarlyRefusal, Executor, LastStep, LoraBatching, OnHopeless, Option, PolicyName, Runtime,
+                      Switch)
 
-OPTIONS: dict[str, type[Option]] = {c.__name__: c for c in (DenoiseMode, EarlyRefusal, Executor, LastStep, OnHopeless,
-                                                            PolicyName, Runtime, Switch)}
+OPTIONS: dict[str, type[Option]] = {c.__name__: c for c in (DenoiseMode, EarlyRefusal, Executor, LastStep, LoraBatching,
+                                                            OnHopeless, PolicyName, Runtime, Switch)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +67,8 @@ class EngineConfig:
     lora_dir: str = ""
     """LoRA adapters served per request (`lora` input): a directory of diffusers/PEFT LoRA safetensors
     (`<name>.safetensors` or `<name>/pytorch_lora_weights.safetensors`), rescanned when it changes; empty: none.
-    Needs denoiser_runtime=torch and denoise_mode=concat."""
+    Needs denoise_mode=concat; denoiser_runtime=torch applies them per row, ort one merged session per adapter set
+    (docs/lora.md)."""
     lora_cache_mb: int = 512
     """Loaded adapters kept in memory (LRU; adapters in use are never evicted)."""
     lora_k: int = 0
@@ -74,6 +76,9 @@ class EngineConfig:
     before the first step, i.e. synchronous) unless the adapter has a profile (`<name>.profile.json`)."""
     lora_load_delay_ms: int = 0
     """Testing and benchmarks: added to every adapter load (emulates remote storage)."""
+    lora_batching: LoraBatching = LoraBatching.MIXED
+    """mixed: requests with different adapter sets, and none, share each step; one_set: a step runs one adapter
+    set (the most urgent request's), the others sit it out, as in servers that hold one adapter per batch."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -91,10 +96,11 @@ class EngineConfig:
             raise ConfigError(f"deadline_margin: allowed [0, 1], got {self.deadline_margin}")
         if not self.slo_scale > 0:
             raise ConfigError(f"slo_scale: allowed > 0, got {self.slo_scale}")
-        if self.lora_dir and (self.denoiser_runtime is not Runtime.TORCH or self.denoise_mode is not DenoiseMode.CONCAT):
-            raise ConfigError("lora_dir: adapters are applied by the torch denoiser one resolution per call; allowed "
-                              "with denoiser_runtime=torch and denoise_mode=concat, got denoiser_runtime="
-                              f"{self.denoiser_runtime.value!r}, denoise_mode={self.denoise_mode.value!r}")
+        if self.lora_dir and self.denoise_mode is not DenoiseMode.CONCAT:
+            raise ConfigError("lora_dir: adapters are applied one resolution per call (torch: per row, ort: a merged "
+                              "session per adapter set); allowed with denoise_mode=concat and denoiser_runtime=torch "
+                              f"or ort, got denoiser_runtime={self.denoiser_runtime.value!r}, "
+                              f"denoise_mode={self.denoise_mode.value!r}")
         if self.lora_cache_mb < 0 or self.lora_k < 0 or self.lora_load_delay_ms < 0:
             raise ConfigError("lora_cache_mb, lora_k, lora_load_delay_ms: allowed >= 0, got "
                               f"{self.lora_cache_mb}, {self.lora_k}, {self.lora_load_delay_ms}")

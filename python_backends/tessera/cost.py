@@ -5,6 +5,7 @@ start-up profile; the engine keeps every term current from what it serves."""
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,13 +72,20 @@ class CostModel:
     @classmethod
     def from_terms(cls, terms: dict[str, float], vae_factor: int) -> CostModel:
         pred = LatencyPredictor()
-        pred.coef = np.array([terms[f"step_{n}"] for n in STEP_FEATURES], dtype=np.float64)
+        # step_adapter_cells is absent from terms recorded before adapters existed: no adapter cost then
+        pred.coef = np.array([terms[f"step_{n}"] if n != "adapter_cells" else terms.get(f"step_{n}", 0.0)
+                              for n in STEP_FEATURES], dtype=np.float64)
         return cls(pred, vae_factor, terms["start_s"], terms["finish_base_s"], terms["finish_s_per_cell"],
                    terms["gap_s"])
 
-    def shape(self, states) -> BatchShape:
+    def shape(self, states, adapted: Sequence[bool] | None = None) -> BatchShape:
+        """The step's batch makeup. `adapted[i]`: whether request i steps with its adapters (the engine
+        knows, at the step); None: every request that asked for adapters has them (planning ahead)."""
         f = self.vae_factor
-        return BatchShape(tuple((s.params.height // f, s.params.width // f, 2 if s.params.do_cfg else 1) for s in states))
+        adapted = [bool(s.params.lora) for s in states] if adapted is None else adapted
+        requests = tuple((s.params.height // f, s.params.width // f, 2 if s.params.do_cfg else 1) for s in states)
+        return BatchShape(requests, adapter_cells=sum(h * w * r for (h, w, r), a in zip(requests, adapted, strict=True)
+                                                      if a))
 
     def step_s(self, states) -> float:
         return self.predictor.predict(self.shape(states)) + self.gap_s if states else 0.0
@@ -88,7 +96,15 @@ class CostModel:
     def alone_s(self, s: RequestState, steps: int | None = None) -> float:
         """Remaining time if `s` ran alone from now (join included if it has not started)."""
         steps = s.steps_left if steps is None else steps
-        return (self.start_s if s.run is None else 0.0) + steps * self.step_s([s]) + self.finish_s(s)
+        step_s = self.step_s([s])
+        start_s = self.start_s + self.adapter_wait_s(s, step_s) if s.run is None else 0.0
+        return start_s + steps * step_s + self.finish_s(s)
+
+    @staticmethod
+    def adapter_wait_s(s: RequestState, step_s: float) -> float:
+        """Predicted time a request sits out at its K waiting for adapters still loading at admission
+        (bounded asynchronous loading: the first K steps hide the load)."""
+        return max(0.0, s.adapter_load_s - s.adapter_k * step_s) if s.adapter_load_s > 0 else 0.0
 
     def isolated_s(self, s: RequestState) -> float:
         return self.start_s + s.params.num_steps * self.step_s([s]) + self.finish_s(s)

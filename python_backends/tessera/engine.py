@@ -188,7 +188,8 @@ class Engine:
 
     def _advance(self, batch: list[RequestState], rows, now_s: float, put: Emit) -> None:
         before = tuple(s.step_index for s in batch)
-        shape = self.cost.shape(batch) if self.cost is not None else None
+        adapted = [bool(a) for a in rows] if rows is not None else [False] * len(batch)
+        shape = self.cost.shape(batch, adapted) if self.cost is not None else None
         predicted = self.cost.predictor.predict(shape) if shape is not None else None
         t0 = self.clock()
         # (3) one executor run for every advancing request (if it raises, the step fails as a whole)

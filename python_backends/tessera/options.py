@@ -78,3 +78,8 @@ class DenoiseMode(Option):
 class Family(Option):
     SD = "sd"  # UNet2DConditionModel, StableDiffusionPipeline
     SD3 = "sd3"  # SD3Transformer2DModel, StableDiffusion3Pipeline without T5
+
+
+class LoraBatching(Option):
+    MIXED = "mixed"  # requests with different adapter sets, and none, share a step (per-row adapters)
+    ONE_SET = "one_set"  # one adapter set per step, as servers that merge adapters do (a baseline)

@@ -1,8 +1,9 @@
 """Online latency predictor (PatchedServe §1.7): the latency of one engine step from its batch makeup.
 
 Features of a step: 1, the rows x latent cells summed over requests (CFG halves count twice), the
-number of requests, the number of distinct resolutions and the number of denoiser rows (patches or
-tiles when the executor cuts). Least squares on a start-up profile, then refit online from a window of
+number of requests, the number of distinct resolutions, the number of denoiser rows (patches or
+tiles when the executor cuts) and the rows x latent cells of requests stepping with LoRA adapters (their
+low-rank products are extra work in every adapted layer: the adapter cost, issue 14). Least squares on a start-up profile, then refit online from a window of
 served steps. `observe` records the error of the prediction made before each served step, so the
 exported error is on batches the model was not fit on.
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 
-STEP_FEATURES = ("const", "cells", "requests", "resolutions", "rows")  # BatchShape.features(), in order
+STEP_FEATURES = ("const", "cells", "requests", "resolutions", "rows", "adapter_cells")  # BatchShape.features(), in order
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,18 +26,19 @@ class BatchShape:
 
     requests: tuple[tuple[int, int, int], ...]
     denoiser_rows: int = 0  # patches/tiles/latents fed to the denoiser (0: sum of request rows)
+    adapter_cells: int = 0  # rows x latent cells of the requests whose rows carry LoRA adapters this step
 
     def features(self) -> np.ndarray:
         cells = sum(h * w * r for h, w, r in self.requests)
         distinct = len({(h, w) for h, w, _ in self.requests})
         rows = self.denoiser_rows or sum(r for _, _, r in self.requests)
-        return np.array([1.0, cells, len(self.requests), distinct, rows], dtype=np.float64)
+        return np.array([1.0, cells, len(self.requests), distinct, rows, self.adapter_cells], dtype=np.float64)
 
 
 class LatencyPredictor:
     def __init__(self, window: int = 512, refit_every: int = 16, ridge: float = 1e-6):
         self.window: deque[tuple[np.ndarray, float]] = deque(maxlen=window)
-        self.coef = np.zeros(5)
+        self.coef = np.zeros(len(STEP_FEATURES))
         self.refit_every, self.ridge = refit_every, ridge
         self._since_fit = 0
         self.errors: deque[float] = deque(maxlen=window)  # |pred - actual| / actual, out of sample

@@ -65,6 +65,8 @@ class RequestState:
     joined_s: float | None = None
     step_s: list[float] = field(default_factory=list)  # end time of each step
     done_s: float | None = None
+    adapter_k: int = 0  # BAL: steps it may run before its adapters must be in memory (set at admission)
+    adapter_load_s: float = 0.0  # expected seconds until its adapters are in memory (0: cached at admission)
 
     @property
     def size(self) -> tuple[int, int]:

@@ -2,7 +2,7 @@
 directory): a served image with an adapter equals diffusers' pipeline with `load_lora_weights` at the same
 scale; a request with adapter X equals itself sharing steps with requests using other adapters or none;
 unknown adapters are INVALID_ARG naming `lora` and the known ones; an adapter added while the server runs
-is servable."""
+is servable; the adapter metrics count its load, the cache hit after it and the joins."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PROMPT, wait_for
+from conftest import PROMPT, metric, wait_for
 from tessera.client import request_arrays
 from test_engine_serving import Stream
 
@@ -92,3 +92,23 @@ def test_lora_adapter_added_while_serving_becomes_servable(server, work_dir):
     (copy,) = stream_images(server, [("misty_copy", 9)])
     (orig,) = stream_images(server, [("misty", 9)])
     assert np.array_equal(copy, orig)
+
+
+def test_lora_metrics_count_one_load_then_a_hit(server, work_dir):
+    shutil.copytree(work_dir / "loras" / "inky", work_dir / "loras" / "inky_metrics")
+    fields = ("loads", "cache_misses", "cache_hits", "joins", "load_bytes")
+    before = {f: metric(server, f"tessera_lora_{f}_total", MODEL) for f in fields}
+
+    def served() -> bool:
+        try:
+            return len(stream_images(server, [("inky_metrics", 4)])) == 1
+        except AssertionError:  # not listed yet: refused at parsing, nothing loaded or counted
+            return False
+
+    wait_for(served, 30, "the new adapter to be servable")
+    stream_images(server, [("inky_metrics", 5)])  # in memory now: a hit
+    wait_for(lambda: metric(server, "tessera_lora_joins_total", MODEL) - before["joins"] >= 2, 10,
+             "the metrics of both answers")
+    delta = {f: metric(server, f"tessera_lora_{f}_total", MODEL) - before[f] for f in fields}
+    assert (delta["loads"], delta["cache_misses"], delta["cache_hits"], delta["joins"]) == (1, 1, 1, 2)
+    assert delta["load_bytes"] > 0 and metric(server, "tessera_lora_cache_bytes", MODEL) >= delta["load_bytes"]

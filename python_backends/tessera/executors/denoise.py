@@ -57,7 +57,7 @@ class ConcatDenoiser:
             group = [items[i] for i in idxs]
             merged = _concat(group)
             own = [(adapters[i], items[i]["sample"].shape[0]) for i in idxs] if adapters else None
-            out = self.call(merged) if own is None else self.call(merged, own)  # only torch calls take adapters
+            out = self.call(merged) if own is None else self.call(merged, own)  # adapter-aware calls (torch, OrtLora)
             for i, o in zip(idxs, _split(out, group), strict=True):
                 outs[i] = o
             batch.append(merged["sample"].shape[0])

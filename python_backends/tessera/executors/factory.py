@@ -22,6 +22,10 @@ def load_torch_denoiser(spec: PipelineSpec, repo: str | Path):
 def make_denoiser(config: EngineConfig, spec: PipelineSpec, repo: str | Path, components: Components):
     if config.denoiser_runtime is Runtime.ORT:
         call = components.denoise
+        if config.lora_dir:  # merged sessions per adapter set, in-process; rows without adapters as before
+            from .lora_ort import OrtLora
+
+            call = OrtLora(Path(repo) / spec.denoiser / "1" / "model.onnx", call, config.intra_op_threads)
     else:
         model = load_torch_denoiser(spec, repo)
         if config.denoise_mode is DenoiseMode.PATCHES:
@@ -34,7 +38,8 @@ def make_denoiser(config: EngineConfig, spec: PipelineSpec, repo: str | Path, co
 
 def make_adapters(config: EngineConfig):
     """The engine's per-request adapters: none, or LoRA from `lora_dir` with bounded asynchronous loading
-    (adapters.LoraAdapters) applied by the torch denoiser (executors/lora_torch)."""
+    (adapters.LoraAdapters) applied by the torch denoiser per row (executors/lora_torch) or by ONNX Runtime
+    in one merged session per adapter set (executors/lora_ort)."""
     from ..adapters import LoraAdapters, NoAdapters
 
     if not config.lora_dir:
@@ -51,4 +56,5 @@ def make_adapters(config: EngineConfig):
     registry = LoraRegistry(config.lora_dir)
     loader = LoraLoader(LoraCache(config.lora_cache_mb << 20), registry.path, load,
                         load_delay_s=config.lora_load_delay_ms / 1e3)
-    return LoraAdapters(registry, loader, Bal(loader, lambda name, steps: registry.k_for(name, steps, config.lora_k)))
+    return LoraAdapters(registry, loader, Bal(loader, lambda name, steps: registry.k_for(name, steps, config.lora_k)),
+                        config.lora_batching)
