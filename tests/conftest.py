@@ -84,6 +84,7 @@ def repo(work_dir, tiny_pipelines) -> Path:
         write_random_lora(unet, loras / name, seed=k + 1, std=0.3,
                           target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2"])
     add_engine(path, "engine", "engine_lora", executor="local", denoiser_runtime="torch", lora_dir=str(loras))
+    add_engine(path, "engine", "engine_lora_ort", executor="local", denoiser_runtime="ort", lora_dir=str(loras))
     reference = Path(__file__).resolve().parents[1] / "quality_models" / "heavy"
     if reference.is_dir():  # the committed quality reference (tests/integration/test_quality_smoke.py)
         export_pipeline(reference, path, prefix="ref_", engine_config=EngineConfig(executor="local", policy="step-fcfs"),

@@ -21,12 +21,12 @@ MODEL = "engine_lora"
 H, W, STEPS, GUIDANCE = 128, 128, 6, 5.0
 
 
-def stream_images(server, requests: list[tuple[str | None, int]]) -> list[np.ndarray]:
+def stream_images(server, requests: list[tuple[str | None, int]], model: str = MODEL) -> list[np.ndarray]:
     """All requests on one stream at once (so they share steps), each (lora, seed); images in order."""
     s = Stream(server)
     try:
         for i, (lora, seed) in enumerate(requests):
-            s.send(MODEL, request_arrays(PROMPT, H, W, STEPS, GUIDANCE, seed, lora=lora), str(i))
+            s.send(model, request_arrays(PROMPT, H, W, STEPS, GUIDANCE, seed, lora=lora), str(i))
         out: dict[str, np.ndarray] = {}
         while len(out) < len(requests):
             result, error = s.get()
@@ -112,3 +112,17 @@ def test_lora_metrics_count_one_load_then_a_hit(server, work_dir):
     delta = {f: metric(server, f"tessera_lora_{f}_total", MODEL) - before[f] for f in fields}
     assert (delta["loads"], delta["cache_misses"], delta["cache_hits"], delta["joins"]) == (1, 1, 1, 2)
     assert delta["load_bytes"] > 0 and metric(server, "tessera_lora_cache_bytes", MODEL) >= delta["load_bytes"]
+
+
+def test_lora_on_onnx_runtime_equals_the_torch_engine(server):
+    """engine_lora_ort: the same adapters through merged ONNX Runtime sessions (one call per adapter set), four
+    sets in one step. Moderate scales: ORT and torch differ by ~1e-4 per call (tests/unit/test_lora_ort.py),
+    which these random std-0.3 adapters amplify at full strength over the steps (misty + grainy:1.5 measured
+    max 12/255, mean 1.2; the same set at 0.5 each: max 1)."""
+    requests = [("inky:0.8", 3), ("misty:0.5", 6), (None, 7), ("misty:0.5,grainy:0.5", 9)]
+    ort = stream_images(server, requests, model="engine_lora_ort")
+    torch_images = stream_images(server, requests)
+    for a, b in zip(ort, torch_images, strict=True):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+    (alone,) = stream_images(server, [("inky:0.8", 3)], model="engine_lora_ort")
+    assert np.abs(alone.astype(int) - ort[0].astype(int)).max() <= 1  # batch invariance across sets

@@ -97,6 +97,17 @@ def test_lora_ort_merged_equals_the_torch_executor(setup):
     assert np.array_equal(ort_lora(inputs), setup["base"](inputs))  # no adapters: the base call, untouched
 
 
+def test_lora_ort_set_of_two_adapters_equals_the_torch_executor(setup):
+    X, Y, inputs = setup["X"], setup["Y"], _rows(setup["inputs"], slice(0, 2))
+    ort_lora = OrtLora(setup["onnx"], setup["base"])
+    reference = torch_call(setup["unet"], Family.SD)
+    for pair in (((X, 1.0), (Y, 1.5)), ((X, 0.4), (Y, -0.5))):
+        got, want = ort_lora(inputs, [(pair, 2)]), reference(inputs, [(pair, 2)])
+        one = reference(inputs, [((pair[0],), 2)])
+        assert np.abs(want - one).max() > 0.1  # the second adapter matters
+        assert np.abs(got - want).max() <= TOL, pair
+
+
 def test_lora_ort_mixed_rows_equal_each_set_alone(setup):
     """Rows (X, Y, none, X+Y) in one call: one ORT call per set; each item's rows equal that set run alone
     (same session, same row count: bit for bit)."""
