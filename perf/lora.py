@@ -67,8 +67,8 @@ class StreamClient:
         self.client.start_stream(callback=lambda result, error: self.answers.put((result, error)))
         self.n = 0
 
-    def run(self, model: str, arrays: dict) -> tuple[float, str | None]:
-        """(seconds, error message or None)."""
+    def run(self, model: str, arrays: dict) -> tuple[float, str | None, int | None]:
+        """(seconds, error message or None, steps run)."""
         from tessera.client import infer_inputs
 
         self.n += 1
@@ -77,7 +77,10 @@ class StreamClient:
                                        request_id=str(self.n))
         result, error = self.answers.get(timeout=600)
         seconds = time.perf_counter() - t0
-        return seconds, None if error is None else str(error.message() if hasattr(error, "message") else error)
+        if error is not None:
+            return seconds, str(error.message() if hasattr(error, "message") else error), None
+        steps = result.as_numpy("step")
+        return seconds, None, None if steps is None else int(steps.reshape(-1)[0])
 
     def close(self) -> None:
         self.client.stop_stream()
@@ -151,7 +154,7 @@ def part_lone(server, args, names, request_arrays) -> dict:
         for name, (model, lora) in variants.items():
             arrays = request_arrays(PROMPT, args.lone_size, args.lone_size, args.lone_steps, args.guidance, i,
                                     lora=lora)
-            seconds, error = client.run(model, arrays)
+            seconds, error, _ = client.run(model, arrays)
             if error is not None:
                 raise RuntimeError(f"{name}: {error}")
             if i:
@@ -190,12 +193,12 @@ def part_closed_loop(server, args, names, request_arrays) -> dict:
     warm = StreamClient(server.grpc_url)
     for model in ("lora_mixed", "lora_one_set"):
         for name in names:  # every adapter in memory before timing
-            _, error = warm.run(model, request_arrays(PROMPT, size, size, steps, args.guidance, 0, lora=name))
+            _, error, _ = warm.run(model, request_arrays(PROMPT, size, size, steps, args.guidance, 0, lora=name))
             if error is not None:
                 raise RuntimeError(error)
     alone = []
     for i in range(3):
-        seconds, _ = warm.run("lora_mixed", request_arrays(PROMPT, size, size, steps, args.guidance, i))
+        seconds, _, _ = warm.run("lora_mixed", request_arrays(PROMPT, size, size, steps, args.guidance, i))
         alone.append(seconds * 1e3)
     warm.close()
     isolated_ms = statistics.median(alone)
@@ -217,7 +220,7 @@ def part_closed_loop(server, args, names, request_arrays) -> dict:
 
 
 def closed_loop(server, model, args, names, weights, slo_ms, request_arrays) -> dict:
-    records: list[tuple[float, float, str | None, str | None]] = []  # (sent s from start, ms, lora, error)
+    records: list[tuple[float, float, str | None, str | None, int | None]] = []  # (sent, ms, lora, error, steps)
     lock = threading.Lock()
     t0 = time.perf_counter()
     end = t0 + args.duration_s
@@ -231,9 +234,12 @@ def closed_loop(server, model, args, names, weights, slo_ms, request_arrays) -> 
             arrays = request_arrays(PROMPT, args.size, args.size, args.steps, args.guidance, 1000 * c + n,
                                     slo_ms=int(slo_ms), lora=lora)
             sent = time.perf_counter() - t0
-            seconds, error = client.run(model, arrays)
+            try:
+                seconds, error, steps = client.run(model, arrays)
+            except Exception as e:  # noqa: BLE001 - a lost answer is a failed request, not a lost record
+                seconds, error, steps = time.perf_counter() - t0 - sent, f"client: {type(e).__name__}", None
             with lock:
-                records.append((sent, seconds * 1e3, lora, error))
+                records.append((sent, seconds * 1e3, lora, error, steps))
             n += 1
         client.close()
 
@@ -243,15 +249,20 @@ def closed_loop(server, model, args, names, weights, slo_ms, request_arrays) -> 
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    ok = [ms for _, ms, _, e in records if e is None]
-    met = sum(1 for _, ms, _, e in records if e is None and ms <= slo_ms)
-    errors = sorted({e.split(":")[0] for *_, e in records if e is not None})
-    return {"requests": len(records), "completed": len(ok), "failed": len(records) - len(ok), "errors": errors,
+    ok = [ms for _, ms, _, e, _ in records if e is None]
+    full = [(ms, steps) for _, ms, _, e, steps in records if e is None and steps == args.steps]
+    met = sum(1 for ms, _ in full if ms <= slo_ms)  # on time with every step asked for (a degraded answer is not)
+    errors = sorted({e.split(":")[0] for *_, e, _ in records if e is not None})
+    return {"requests": len(records), "completed": len(ok), "degraded": len(ok) - len(full),
+            "failed": len(records) - len(ok), "errors": errors,
             "wall_s": wall, "throughput_rps": len(ok) / wall, "goodput_rps": met / wall,
-            "slo_attainment": met / len(records) if records else None,
+            "slo_attainment": met / len(records) if records else 0.0,
             "p50_ms": float(np.percentile(ok, 50)) if ok else None,
             "p99_ms": float(np.percentile(ok, 99)) if ok else None,
-            "adapters_used": {n: sum(1 for _, _, lora, _ in records if lora == n) for n in (names or [])}}
+            "adapters_used": {n: sum(1 for r in records if r[2] == n) for n in (names or [])},
+            "raw": {"sent_s": [r[0] for r in records], "latency_ms": [r[1] for r in records],
+                    "lora": [r[2] for r in records], "error": [r[3] for r in records],
+                    "steps_run": [r[4] for r in records]}}
 
 
 def _plot(lone: dict, loop: dict, path: Path, args) -> None:

@@ -91,8 +91,9 @@ class LoraAdapters:
         k = self.bal.admit(state.request_id, state.params.lora, state.params.num_steps)
         state.adapter_k = effective_k(k, state.params.num_steps)
         if any(not self.loader.ready(n) for n in state.params.lora.names):
-            stats = self.loader.stats()
-            state.adapter_load_s = stats.load_s / stats.loads if stats.loads else 0.0
+            stats = self.loader.stats()  # load_s sums finished loads; loads counts started ones
+            finished = stats.loads - stats.in_flight
+            state.adapter_load_s = stats.load_s / finished if finished > 0 else 0.0  # none finished: unknown
 
     def gate(self, batch: Sequence[RequestState]) -> Gate:
         step, rows, wait, failed = [], [], [], []
@@ -103,6 +104,8 @@ class LoraAdapters:
             elif d.action is BalAction.WAIT:
                 wait.append(s)
             else:
+                if d.action is BalAction.JOIN:
+                    s.adapter_load_s = 0.0  # in memory: nothing left to wait for
                 step.append(s)
                 rows.append(d.lora)
         if self.batching is LoraBatching.ONE_SET and step:  # the most urgent request's set; the rest sit out

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from .errors import ConfigError
-from .options import (DenoiseMode, EarlyRefusal, Executor, LastStep, LoraBatching, OnHopeless, Option, PolicyName, Runtime,
-                      Switch)
+from .options import (DenoiseMode, EarlyRefusal, Executor, LastStep, LoraBatching, OnHopeless, Option, PolicyName,
+                      Runtime, Switch)
 
 OPTIONS: dict[str, type[Option]] = {c.__name__: c for c in (DenoiseMode, EarlyRefusal, Executor, LastStep, LoraBatching,
                                                             OnHopeless, PolicyName, Runtime, Switch)}

@@ -9,8 +9,9 @@
       executor run for every stepping request (the executor may batch by resolution, patches or tiles);
   (4) each request's own sampler takes its step (Pipeline.apply), then the entropy early-exit rule;
   (5) finished requests are decoded and answered at once (earliest deadline first); progress events;
-  (6) a StepRecord for metrics (appended before (5) answers, so a final's metrics hold its last step). The cost model learns from what was measured along the way (joins,
-      the step, each decode with its answer).
+  (6) a StepRecord for metrics (appended before (5) answers: a final's metrics hold its last step).
+  The cost model learns from what was measured along the way (joins, the step, each decode with its
+  answer).
 Failures are contained: a request whose own work raises (start, sampler, decode, preview) fails alone
 with INTERNAL naming it; if the step as a whole raises (the plan, the denoiser run) every request of
 that step is answered with INTERNAL and the engine stays usable. No threads and no Triton here: EngineLoop
@@ -141,7 +142,9 @@ class Engine:
             gate = self.adapters.gate([self.running[rid] for rid in plan.advance if rid in self.running])
             for s, e in gate.failed:  # (3a) adapters: who steps now and with which; a failed load fails alone
                 put(self._fail(self.running.pop(s.request_id), "adapter load", e))
-            self.last_advance = frozenset(s.request_id for s in gate.step)
+            # the plan's members stay members while the adapters make some sit a step out (rounds keeps them)
+            self.last_advance = frozenset(rid for rid in plan.advance if rid in self.running)
+            involved = tuple(s.request_id for s in gate.step)  # who sat the step out did not run: not failed
             if gate.step:
                 self._advance(list(gate.step), gate.rows, now_s, put)  # (3)-(6)
         except Exception as e:  # noqa: BLE001 - the step's requests are answered, the engine goes on

@@ -17,7 +17,8 @@ class EngineView:
     waiting: tuple[RequestState, ...]
     running: tuple[RequestState, ...]
     step_no: int = 0
-    last_advance: frozenset[str] = frozenset()  # ids advanced by the previous step
+    last_advance: frozenset[str] = frozenset()  # ids the previous step's plan advanced (adapters may have
+    # set some aside for that step: they stay members of the round)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,8 +3,8 @@
 Features of a step: 1, the rows x latent cells summed over requests (CFG halves count twice), the
 number of requests, the number of distinct resolutions, the number of denoiser rows (patches or
 tiles when the executor cuts) and the rows x latent cells of requests stepping with LoRA adapters (their
-low-rank products are extra work in every adapted layer: the adapter cost, issue 14). Least squares on a start-up profile, then refit online from a window of
-served steps. `observe` records the error of the prediction made before each served step, so the
+low-rank products are extra work in every adapted layer: the adapter cost, issue 14).
+Least squares on a start-up profile, then refit online from a window of served steps. `observe` records the error of the prediction made before each served step, so the
 exported error is on batches the model was not fit on.
 """
 

@@ -180,3 +180,45 @@ def test_engine_faulty_wrappers_are_transparent_without_markers():
     _, wrapped = serve(None)
     steps = {r: o.step_index for r, o in plain.items()}
     assert {r: o.step_index for r, o in wrapped.items()} == steps == STEPS
+
+
+class _SetAsideOnce:
+    """Adapters that make request `rid` sit out the first step it is planned for (a wait at K, or another
+    adapter set under lora_batching=one_set)."""
+
+    def __init__(self, rid: str):
+        self.rid, self.done = rid, False
+
+    def names(self):
+        return frozenset()
+
+    def admit(self, state):
+        pass
+
+    def gate(self, batch):
+        from tessera.adapters import Gate
+
+        aside = [s for s in batch if s.request_id == self.rid and not self.done]
+        self.done = self.done or bool(aside)
+        return Gate(tuple(s for s in batch if s not in aside), None, tuple(aside))
+
+    def release(self, request_id):
+        pass
+
+    def counters(self):
+        from tessera.adapters import AdapterCounters
+
+        return AdapterCounters()
+
+
+def test_a_request_sitting_a_failed_step_out_is_not_failed_and_stays_planned():
+    clock, cost = VirtualClock(), cost_model()
+    eng = Engine(FaultyPipeline(_Pipeline(clock, cost)), FaultyDenoiser(_Denoiser(clock, cost)),
+                 StepFcfsPolicy(max_batch=8), cost=cost_model(), clock=clock, adapters=_SetAsideOnce("req-b"))
+    eng.add(state("req-a", 3, "step"))
+    eng.add(state("req-b", 5))
+    outs = {o.request_id: o for o in eng.step() if o.final}
+    assert set(outs) == {"req-a"} and status_of(outs["req-a"].error) is Status.INTERNAL
+    assert eng.running["req-b"].step_index == 0 and eng.last_advance == frozenset({"req-a", "req-b"})
+    finals = drain(eng)
+    assert finals["req-b"].finish_reason is FinishReason.COMPLETED and finals["req-b"].step_index == 5

@@ -105,10 +105,13 @@ def test_style_evaluator_roundtrip_training_goes_through_the_vae(tmp_path, tiny_
 
     from tessera.quality.style_eval import train_style_evaluator, vae_roundtrip
 
-    with pytest.raises(ValueError, match="roundtrip: needs a VAE"):
+    from tessera.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="roundtrip: needs a VAE"):
         train_style_evaluator(tmp_path / "o", tmp_path / "w", steps=1, roundtrip=0.5)
-    with pytest.raises(ValueError, match=r"roundtrip: allowed \[0, 1\]"):
-        train_style_evaluator(tmp_path / "o", tmp_path / "w", steps=1, roundtrip=2, vae_dir=tiny_pipelines["unet"] / "vae")
+    with pytest.raises(ConfigError, match=r"roundtrip: allowed \[0, 1\]"):
+        train_style_evaluator(tmp_path / "o", tmp_path / "w", steps=1, roundtrip=2,
+                              vae_dir=tiny_pipelines["unet"] / "vae")
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(tiny_pipelines["unet"] / "vae").eval()

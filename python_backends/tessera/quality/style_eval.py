@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from .models import Evaluator
 from .shapes import RESOLUTIONS, STYLES, batch
 
@@ -120,9 +121,9 @@ def train_style_evaluator(out_dir: str | Path, work_dir: str | Path, minutes: fl
     from .train import _bar, _load_state, _save_state
 
     if roundtrip and vae_dir is None:
-        raise ValueError("roundtrip: needs a VAE (vae_dir); allowed 0 without one, got " + str(roundtrip))
+        raise ConfigError(f"roundtrip: needs a VAE (--vae); allowed 0 without one, got {roundtrip}")
     if not 0 <= roundtrip <= 1:
-        raise ValueError(f"roundtrip: allowed [0, 1], got {roundtrip}")
+        raise ConfigError(f"roundtrip: allowed [0, 1], got {roundtrip}")
     torch.set_num_threads(1)
     vae = None
     if vae_dir is not None:

@@ -28,26 +28,29 @@ log = logging.getLogger(__name__)
 class _Update:
     """What changed since the last update, gathered on the loop thread."""
 
-    totals: tuple[tuple[str, float], ...]  # (counter attribute or adapter counter, increment) since the last update
+    totals: tuple[tuple[str, int], ...]  # (counter attribute, increment) over the fresh step records
     terms: dict[str, float] | None  # the cost model's terms (None: no new steps)
     mape: float | None
     gaps: tuple[int, float]  # gaps measured and their seconds since the last update
     final: RequestOutput | None
     outcome: str | None = None  # a request answered outside the engine (invalid, rejected, refused)
+    adapters: tuple[tuple[str, float], ...] = ()  # (AdapterCounters field, increment) since the last update
     cache: tuple[int, int] | None = None  # the adapter cache's bytes and entries now
 
 
-ADAPTER_COUNTERS = {  # AdapterCounters field -> description (tessera_lora_<field>_total)
-    "loads": "LoRA adapter files read (cache misses that loaded)",
-    "load_failures": "LoRA adapter loads that failed",
-    "load_bytes": "Bytes of LoRA adapters loaded",
-    "load_s": "Seconds spent loading LoRA adapters (off the step loop), summed",
-    "cache_hits": "Admitted requests' adapters found in memory",
-    "cache_misses": "Admitted requests' adapters not in memory (a load started or joined)",
-    "joins": "Requests whose adapters joined (bounded asynchronous loading)",
-    "steps_before_join": "Steps run on the base model before a request's adapters joined, summed",
-    "wait_steps": "Request-steps sat out at K waiting for adapters still loading",
-    "requests_waited": "Requests that waited at K at least once",
+ADAPTER_COUNTERS = {  # AdapterCounters field -> (counter, description)
+    "loads": ("tessera_lora_loads_total", "LoRA adapter files read (cache misses that loaded)"),
+    "load_failures": ("tessera_lora_load_failures_total", "LoRA adapter loads that failed"),
+    "load_bytes": ("tessera_lora_load_bytes_total", "Bytes of LoRA adapters loaded"),
+    "load_s": ("tessera_lora_load_seconds_total", "Seconds spent loading LoRA adapters (off the step loop), summed"),
+    "cache_hits": ("tessera_lora_cache_hits_total", "Admitted requests' adapters found in memory"),
+    "cache_misses": ("tessera_lora_cache_misses_total",
+                     "Admitted requests' adapters not in memory (a load started or joined)"),
+    "joins": ("tessera_lora_joins_total", "Requests whose adapters joined (bounded asynchronous loading)"),
+    "steps_before_join": ("tessera_lora_steps_before_join_total",
+                          "Steps run on the base model before a request's adapters joined, summed"),
+    "wait_steps": ("tessera_lora_wait_steps_total", "Request-steps sat out at K waiting for adapters still loading"),
+    "requests_waited": ("tessera_lora_requests_waited_total", "Requests that waited at K at least once"),
 }
 OUTCOMES = ("completed", "degraded", "dropped", "cancelled", "error", "invalid", "rejected", "refused")
 STEPS_BUCKETS = [1, 2, 4, 8, 10, 15, 20, 25, 30, 40, 50, 75, 100, 150, 200]
@@ -98,7 +101,7 @@ class EngineMetrics:
                       for c in ("early_exit", "degrade")}
         self.exited = counter("tessera_early_exits_total", "Requests ended early by the entropy rule")
         # LoRA adapters (issue 14): AdapterCounters field -> counter; the cache's size now as gauges
-        self.adapter_counters = {f: counter(f"tessera_lora_{f}_total", desc) for f, desc in ADAPTER_COUNTERS.items()}
+        self.adapter_counters = {f: counter(name, desc) for f, (name, desc) in ADAPTER_COUNTERS.items()}
         self.cache_bytes = gauge("tessera_lora_cache_bytes", "LoRA adapters held in memory, bytes")
         self.cache_entries = gauge("tessera_lora_cache_entries", "LoRA adapters held in memory")
         self._adapters_seen = AdapterCounters()
@@ -145,11 +148,11 @@ class EngineMetrics:
             ("mixed", sum(len(set(r.step_indices)) > 1 for r in fresh)),
         )
         adapters = self.engine.adapters.counters()
-        totals += tuple((f, getattr(adapters, f) - getattr(self._adapters_seen, f)) for f in ADAPTER_COUNTERS)
+        adapter_deltas = tuple((f, getattr(adapters, f) - getattr(self._adapters_seen, f)) for f in ADAPTER_COUNTERS)
         self._adapters_seen = adapters
         terms = self.cost.terms() if fresh else None  # gauges move only with steps
         self._updates.put(_Update(totals, terms, self.cost.predictor.mape if fresh else None, gaps, final,
-                                  cache=(adapters.cache_bytes, adapters.cache_entries)))
+                                  adapters=adapter_deltas, cache=(adapters.cache_bytes, adapters.cache_entries)))
 
     def in_flight_changed(self) -> None:
         """From the execute thread: only the in-flight gauge (the step records belong to the loop thread)."""
@@ -170,8 +173,10 @@ class EngineMetrics:
     def _apply(self, u: _Update) -> None:
         for name, n in u.totals:
             if n:
-                metric = self.adapter_counters[name] if name in ADAPTER_COUNTERS else getattr(self, name)
-                metric.increment(n)
+                getattr(self, name).increment(n)
+        for field, n in u.adapters:
+            if n:
+                self.adapter_counters[field].increment(n)
         if u.cache is not None:
             self.cache_bytes.set(u.cache[0])
             self.cache_entries.set(u.cache[1])
