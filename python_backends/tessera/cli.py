@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--names", default=None,
                     help="comma-separated adapters to profile (none: every adapter of lora_dir)")
     lp.add_argument("--steps", default="50,20", help="comma-separated step counts to profile")
-    lp.add_argument("--threshold", type=float, default=0.95,
+    lp.add_argument("--threshold", type=float, default=0.995,
                     help="K = leading steps whose mean latent cosine similarity stays >= this")
     lp.add_argument("--prompts", type=int, default=8, help="the first N shapes captions, seeds SEED+i")
     lp.add_argument("--size", type=int, default=64, help="image height and width, pixels")

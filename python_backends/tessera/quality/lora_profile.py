@@ -128,7 +128,7 @@ def write_profile(path: str | Path, profile: dict) -> Path:
 
 def lora_profile(lora_dir: str | Path, base: str | Path = "quality_models/heavy",
                  names: Sequence[str] | None = None, steps_list: Sequence[int] = (50, 20),
-                 threshold: float = 0.95, n_prompts: int = 8, size: int = 64, guidance: float = 4.0,
+                 threshold: float = 0.995, n_prompts: int = 8, size: int = 64, guidance: float = 4.0,
                  seed: int = 0, pipe=None) -> dict[str, dict]:
     """Profile the adapters `names` of `lora_dir` (None: every adapter there, sorted) on the pipeline `base`
     and write each profile to its `Adapter.profile_path`; returns the profiles by name. `pipe`: an already
