@@ -9,7 +9,8 @@ it is still missing). Reported as median latencies and ratios to no adapter.
 
 Part 2, closed loop: `--clients` clients each send their next request when the last one is answered, for
 `--duration-s` per mode, policy `rounds`, every request with an explicit deadline (`--slo-factor` x the lone
-no-adapter latency at that size). Adapters: 8 random LoRAs on the tiny UNet, drawn with Zipf popularity
+no-adapter latency at that size; a client whose request is refused or dropped waits one such latency before
+its next). Adapters: 8 random LoRAs on the tiny UNet, drawn with Zipf popularity
 (`--zipf`), loaded before timing (the cache holds them all). Modes: `mixed` (different adapters and none in
 one step, per-row application), `one_set` (`lora_batching=one_set`: one adapter set per step, the most
 urgent request's, as servers that merge adapters do), `none` (the same requests without adapters: the
@@ -224,6 +225,7 @@ def closed_loop(server, model, args, names, weights, slo_ms, request_arrays) -> 
     lock = threading.Lock()
     t0 = time.perf_counter()
     end = t0 + args.duration_s
+    backoff_s = slo_ms / args.slo_factor / 1e3
 
     def client_loop(c: int) -> None:
         rng = np.random.default_rng([args.seed, c])
@@ -241,6 +243,8 @@ def closed_loop(server, model, args, names, weights, slo_ms, request_arrays) -> 
             with lock:
                 records.append((sent, seconds * 1e3, lora, error, steps))
             n += 1
+            if error is not None:  # refused or dropped: the client comes back after one isolated latency,
+                time.sleep(backoff_s)  # as a client retrying elsewhere would (not at once, in a tight loop)
         client.close()
 
     threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(args.clients)]
