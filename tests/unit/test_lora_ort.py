@@ -14,7 +14,7 @@ from tessera.executors.base import DENOISER_OUTPUT
 from tessera.executors.denoise import ConcatDenoiser, torch_call
 from tessera.executors.lora_onnx import LoraMappingError, OnnxWeights
 from tessera.executors.lora_ort import OrtLora
-from tessera.executors.lora_torch import LoraAdapter, TorchLora, load_lora
+from tessera.executors.lora_torch import LoraAdapter, LoraPlan, TorchLora, load_lora, lora_rows
 from tessera.executors.ort import OrtModel
 from tessera.options import Family
 
@@ -83,12 +83,14 @@ def test_lora_ort_merged_equals_the_torch_executor(setup):
     ort_lora = OrtLora(setup["onnx"], setup["base"])
     reference = torch_call(setup["unet"], Family.SD)
     adapters = [(((X, 0.8),), 2)]  # one request, both CFG rows
-    got, want = ort_lora(inputs, adapters), reference(inputs, adapters)
+    with lora_rows(setup["unet"], LoraPlan.for_items([[(X, 0.8)]], [2])):  # the per-row form
+        want = reference(inputs)
+    got = ort_lora(inputs, adapters)
     effect = np.abs(want - reference(inputs)).max()
     diff = np.abs(got - want).max()
-    TorchLora.of(setup["unet"]).merge([(X, 0.8)])
-    torch_merged = torch_call(setup["unet"], Family.SD)(inputs)
-    TorchLora.of(setup["unet"]).unmerge()
+    torch_merged = reference(inputs, adapters)  # one set for the whole call: torch_call merges it
+    assert TorchLora.of(setup["unet"]).merged == (("X", 0.8),)
+    reference(inputs)  # and unmerges for a call without adapters
     print(f"\nORT merged vs torch executor: max abs diff {diff:.2e} (tolerance {TOL:.0e}); torch merged vs torch "
           f"per row {np.abs(torch_merged - want).max():.2e}; the adapter moves the output by {effect:.2f} "
           f"(outputs up to {np.abs(want).max():.1f})")
@@ -102,8 +104,11 @@ def test_lora_ort_set_of_two_adapters_equals_the_torch_executor(setup):
     ort_lora = OrtLora(setup["onnx"], setup["base"])
     reference = torch_call(setup["unet"], Family.SD)
     for pair in (((X, 1.0), (Y, 1.5)), ((X, 0.4), (Y, -0.5))):
-        got, want = ort_lora(inputs, [(pair, 2)]), reference(inputs, [(pair, 2)])
-        one = reference(inputs, [((pair[0],), 2)])
+        with lora_rows(setup["unet"], LoraPlan.for_items([pair], [2])):  # the torch executor's per-row form
+            want = reference(inputs)
+        got = ort_lora(inputs, [(pair, 2)])
+        with lora_rows(setup["unet"], LoraPlan.for_items([pair[:1]], [2])):
+            one = reference(inputs)
         assert np.abs(want - one).max() > 0.1  # the second adapter matters
         assert np.abs(got - want).max() <= TOL, pair
 

@@ -265,3 +265,33 @@ def test_lora_merge_is_exact_in_half_precision():
     assert torch.equal(lin[0].weight, w0)
     merge(lin, [(a, 0.3)])
     torch.testing.assert_close(lin[0].weight.float(), w0.float() + 0.3 * B @ A, atol=0, rtol=2**-8)
+
+
+def test_torch_call_merges_a_step_that_shares_one_set_and_goes_per_row_otherwise(setup):
+    """The denoiser call chooses per step: one set for every item -> merged (and kept merged for the next
+    such step); different sets or some without -> unmerged exactly, per-row; none -> the base weights."""
+    import numpy as np
+
+    from tessera.executors.denoise import torch_call
+    from tessera.executors.lora_torch import TorchLora
+    from tessera.options import Family
+
+    model = copy.deepcopy(setup["base"])
+    base_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    X, Y = setup["X"], setup["Y"]
+    sample, t, ehs = (v.numpy() for v in setup["inputs"])
+    inputs = {"sample": sample[:2], "timestep": t[:2], "encoder_hidden_states": ehs[:2]}
+    call = torch_call(model, Family.SD)
+    assert np.array_equal(call(inputs), call(inputs, [((), 2)]))
+    same = call(inputs, [(((X, 0.7),), 1), (((X, 0.7),), 1)])
+    assert TorchLora.attached(model).merged == (("X", 0.7),)  # merged, and still merged after the call
+    per_row = call(inputs, [(((X, 0.7),), 1), (((Y, 1.3),), 1)])
+    assert TorchLora.attached(model).merged == ()
+    alone = call(inputs, [(((X, 0.7),), 1), ((), 1)])  # X on row 0 per row, the base on row 1
+    assert np.abs(same[0] - alone[0]).max() <= ATOL  # merged and per-row agree
+    assert np.abs(per_row[0] - same[0]).max() <= ATOL and np.abs(per_row[1] - same[1]).max() > 1e-3
+    call(inputs, [(((X, 0.7),), 1), (((X, 0.7),), 1)])
+    base = call(inputs)  # no adapters: unmerged, the base weights bit for bit
+    assert TorchLora.attached(model).merged == ()
+    assert all(torch.equal(v, base_weights[k]) for k, v in model.state_dict().items())
+    assert np.array_equal(base, torch_call(setup["base"], Family.SD)(inputs))

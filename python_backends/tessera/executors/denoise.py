@@ -79,11 +79,26 @@ def torch_call(model, family: Family) -> DenoiseCall:
 
 
 def _rows(model, adapters):
-    """Per-row LoRA for one call (executors/lora_torch), or nothing."""
-    if not adapters or not any(a for a, _ in adapters):
+    """LoRA for one call (executors/lora_torch), chosen per call: every item with the same set -> that set
+    merged into the weights (kept merged while the next calls use it too: no per-row work at all); items
+    with different sets, or some without -> the merged set, if any, unmerged exactly, then per-row hooks;
+    no adapters -> the base weights."""
+    from .lora_torch import TorchLora
+
+    lora = TorchLora.attached(model)  # None until a call of this model carried adapters
+    sets = [tuple((a, float(s)) for a, s in assignment) for assignment, _ in adapters or ()]
+    if not any(sets):
+        if lora is not None:
+            lora.unmerge()
+        return contextlib.nullcontext()
+    first = sets[0]
+    if first and all(len(s) == len(first) and all(x is y and u == v for (x, u), (y, v) in zip(s, first, strict=True))
+                     for s in sets):
+        TorchLora.of(model).merge(first)
         return contextlib.nullcontext()
     from .lora_torch import LoraPlan, lora_rows
 
+    TorchLora.of(model).unmerge()
     return lora_rows(model, LoraPlan.for_items([a for a, _ in adapters], [n for _, n in adapters]))
 
 

@@ -334,6 +334,11 @@ class TorchLora:
             model.__dict__[cls.ATTR] = state  # not a submodule: invisible to state_dict / named_modules
         return state
 
+    @classmethod
+    def attached(cls, model: torch.nn.Module) -> TorchLora | None:
+        """The model's LoRA state if it has one (`of` creates it)."""
+        return model.__dict__.get(cls.ATTR)
+
     def check(self, adapter: LoraAdapter) -> None:
         """Raise unless every layer of `adapter` names a Linear/Conv2d of this model of the right shape."""
         if adapter in self._checked:
