@@ -69,6 +69,7 @@ def repo(work_dir, tiny_pipelines) -> Path:
     export_pipeline(tiny_pipelines["unet"], path, engine_config=fcfs, progress=quiet)
     export_pipeline(tiny_pipelines["dit"], path, prefix="dit_", engine_config=fcfs, progress=quiet)
     add_engine(path, "engine", "engine_local", entry="txt2img_local", executor="local")
+    add_engine(path, "engine", "engine_cfg2", executor="local", cfg_parallel="on")  # CFG halves at once
     add_engine(path, "engine", "engine_patches", entry="txt2img_patches", denoiser_runtime="torch",
                denoise_mode="patches")
     add_engine(path, "engine", "engine_wide", max_batch=128)  # room for 100+ requests in one step

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .errors import TesseraError
-from .options import DenoiseMode, EarlyRefusal, Executor, OnHopeless, PolicyName, Runtime
+from .options import DenoiseMode, EarlyRefusal, Executor, OnHopeless, PolicyName, Runtime, Switch
 
 
 def _cmd_build_tiny(a: argparse.Namespace) -> int:
@@ -37,6 +37,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
         policy=a.policy, max_batch=a.max_batch, max_in_flight=a.max_in_flight, executor=a.executor,
         denoiser_runtime=a.denoiser_runtime, denoise_mode=a.denoise_mode, patch_size=a.patch_size,
         tile_size=a.tile_size, tile_overlap=a.tile_overlap, on_hopeless=a.on_hopeless, early_refusal=a.early_refusal,
+        cfg_parallel=a.cfg_parallel,
     )
     export_pipeline(
         a.pipeline_dir, a.repo, target=a.target, prefix=a.prefix, executor=a.executor,
@@ -237,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runtime of the engine's denoiser calls (patches needs torch)")
     e.add_argument("--denoise-mode", choices=[m.value for m in DenoiseMode], default=DenoiseMode.CONCAT.value,
                    help="per-step batching: per resolution, exact patches (torch), or fixed tiles")
+    e.add_argument("--cfg-parallel", choices=[m.value for m in Switch], default=Switch.OFF.value,
+                   help="local executor, ORT: each denoiser call's rows as two halves at once (CFG halves in "
+                        "parallel; perf/results/cfg_parallel.json)")
     e.add_argument("--patch-size", type=int, default=0, help="latent cells; 0 = GCD of the step's sizes")
     e.add_argument("--tile-size", type=int, default=16, help="tiled: tile edge in latent cells")
     e.add_argument("--tile-overlap", type=int, default=4,

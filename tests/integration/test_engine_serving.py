@@ -143,3 +143,18 @@ def test_exact_patches_engine_serves_mixed_resolutions_like_concat(server):
     res = metric(server, "tessera_denoiser_resolutions_total", "engine_patches")
     calls = metric(server, "tessera_denoiser_calls_total", "engine_patches") - calls_before
     assert calls <= 6 + 2 and res > calls, "mixed resolutions shared denoiser calls"
+
+
+def test_cfg_parallel_engine_serves_the_same_images(server):
+    """engine_cfg2 (cfg_parallel=on): each denoiser call's rows as two halves at once, in-process."""
+    c = make_client("grpc", server.grpc_url)
+    for h, w, seed in ((64, 64, 1), (64, 128, 2)):
+        arrays = request_arrays(PROMPT, h, w, steps=6, seed=seed)
+        s = Stream(server)
+        s.send("engine_cfg2", arrays, "cfg2")
+        while (result := s.get())[0] is None or result[0].as_numpy("image") is None:
+            assert result[1] is None, result[1]
+        s.close()
+        split = result[0].as_numpy("image")
+        whole = infer_image(c, "grpc", arrays, model="txt2img_local")
+        assert split.shape == whole.shape and np.abs(split.astype(int) - whole.astype(int)).max() <= 1

@@ -65,6 +65,32 @@ class ConcatDenoiser:
         return outs, CallStats(tuple(batch), (1,) * len(batch), tuple(reqs))  # type: ignore[return-value]
 
 
+class RowParallel:
+    """Latent (CFG) parallelism in one process (issue 15): a call of n >= 2 rows runs as `degree` contiguous
+    parts at once on a thread pool and the outputs are concatenated back in row order, so a lone request's
+    conditional and unconditional halves run at the same time. For calls that release the GIL while they
+    compute (ONNX Runtime, one intra-op thread each): rows are independent, so the output equals one call's
+    up to the kernels' batch-size-dependent rounding."""
+
+    def __init__(self, call: Callable[[Inputs], np.ndarray], degree: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
+        if degree < 2:
+            raise ValueError(f"cfg_parallel: degree allowed >= 2, got {degree}")
+        self.call, self.degree = call, degree
+        self._pool = ThreadPoolExecutor(max_workers=degree - 1, thread_name_prefix="tessera-rows")
+
+    def __call__(self, inputs: Inputs) -> np.ndarray:
+        n = inputs["sample"].shape[0]
+        if n < 2:
+            return self.call(inputs)
+        cuts = np.linspace(0, n, min(self.degree, n) + 1).round().astype(int)
+        parts = [{k: v[a:b] for k, v in inputs.items()} for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+        futures = [self._pool.submit(self.call, p) for p in parts[1:]]
+        first = self.call(parts[0])  # this thread runs one part itself
+        return np.concatenate([first, *(f.result() for f in futures)])
+
+
 def torch_call(model, family: Family) -> DenoiseCall:
     """A numpy-in, numpy-out call of a diffusers denoiser (UNet2DConditionModel or SD3Transformer2DModel)."""
     import torch

@@ -8,7 +8,7 @@ from ..config import EngineConfig
 from ..options import DenoiseMode, Family, Runtime
 from ..spec import PipelineSpec
 from .base import Components
-from .denoise import ConcatDenoiser, PatchDenoiser, TiledDenoiser, torch_call
+from .denoise import ConcatDenoiser, PatchDenoiser, RowParallel, TiledDenoiser, torch_call
 
 
 def load_torch_denoiser(spec: PipelineSpec, repo: str | Path):
@@ -21,7 +21,7 @@ def load_torch_denoiser(spec: PipelineSpec, repo: str | Path):
 
 def make_denoiser(config: EngineConfig, spec: PipelineSpec, repo: str | Path, components: Components):
     if config.denoiser_runtime is Runtime.ORT:
-        call = components.denoise
+        call = RowParallel(components.denoise) if config.cfg_parallel else components.denoise
         if config.lora_dir:  # merged sessions per adapter set, in-process; rows without adapters as before
             from .lora_ort import OrtLora
 
