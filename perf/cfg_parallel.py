@@ -13,9 +13,9 @@ import argparse
 import queue
 import statistics
 import time
-import urllib.request
 
 from perf.common import RESULTS, parser, tiny_unet_repo, write_result
+from perf.overhead import cost_terms
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {i - 1}: " + ", ".join(f"{k} {v[-1]:.0f} ms" for k, v in times.items()), flush=True)
         client.stop_stream()
         client.close()
-        terms = _cost_terms(server, "engine_local")
+        terms = cost_terms(server, "engine_local")
     med = {k: statistics.median(v) for k, v in times.items()}
     cells = (args.size // 8) ** 2 * 2  # rows x latent cells of one CFG request
     step_ms = 1e3 * (terms["step_const"] + terms["step_cells"] * cells + terms["step_requests"]
@@ -73,17 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"one call {med['one_call']:.0f} ms, two halves {med['two_halves']:.0f} ms: {speedup:.2f}x "
           f"(ideal {ideal:.2f}x, denoiser share {share:.2f}); wrote {path}")
     return 0
-
-
-def _cost_terms(server, model: str) -> dict[str, float]:
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("tessera_cost_model{") and f'model="{model}"' in line:
-            term = line.split('term="', 1)[1].split('"', 1)[0]
-            out[term] = float(line.rsplit(" ", 1)[1])
-    return out
 
 
 def _plot(med: dict, speedup: float, ideal: float, path) -> None:

@@ -26,7 +26,6 @@ import queue
 import statistics
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -88,16 +87,15 @@ class StreamClient:
         self.client.close()
 
 
+LORA_COUNTERS = ("tessera_lora_loads_total", "tessera_lora_joins_total", "tessera_lora_steps_before_join_total",
+                 "tessera_lora_wait_steps_total")
+
+
 def scrape(server, model: str) -> dict[str, float]:
-    """The engine's tessera_lora_* counters and gauges."""
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("tessera_lora_") and f'model="{model}"' in line:
-            name = line.split("{", 1)[0]
-            out[name] = float(line.rsplit(" ", 1)[1])
-    return out
+    """The engine's adapter counters this benchmark reports (perf.slo.scrape reads Triton's metrics)."""
+    from perf.slo import scrape as scrape_metric
+
+    return {name: scrape_metric(server.metrics_url, name, model) or 0.0 for name in LORA_COUNTERS}
 
 
 def zipf_weights(n: int, s: float) -> np.ndarray:

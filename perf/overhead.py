@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         stream.close()
         client.close()
         components = {m: _delta(_model_stats(server, m), before[m]) for m in before}
-        gaps = {m: _cost_terms(server, m) for m in ("engine", "engine_local")}
+        gaps = {m: cost_terms(server, m) for m in ("engine", "engine_local")}
 
     base = statistics.median(times["in_process"])
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -148,7 +148,7 @@ def _delta(after: dict, before: dict) -> dict:
             "queue_ms_per_call": (after["queue_ns"] - before["queue_ns"]) / max(n, 1) / 1e6}
 
 
-def _cost_terms(server, model: str) -> dict[str, float]:
+def cost_terms(server, model: str) -> dict[str, float]:
     from perf.slo import scrape_all
 
     return {lab["term"]: v for lab, v in scrape_all(server.metrics_url, "tessera_cost_model") if lab.get("model") == model}

@@ -118,8 +118,7 @@ def _rows(model, adapters):
             lora.unmerge()
         return contextlib.nullcontext()
     first = sets[0]
-    if first and all(len(s) == len(first) and all(x is y and u == v for (x, u), (y, v) in zip(s, first, strict=True))
-                     for s in sets):
+    if first and all(s == first for s in sets):  # adapters compare by identity, scales by value
         TorchLora.of(model).merge(first)
         return contextlib.nullcontext()
     from .lora_torch import LoraPlan, lora_rows

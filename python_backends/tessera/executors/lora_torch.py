@@ -360,8 +360,7 @@ class TorchLora:
         """Weights become W0 + sum s * scale * B @ A (fp32 arithmetic) for this set; layers of an earlier
         merged set that this one does not touch go back to W0. A no-op when the set is already merged."""
         key = tuple((a, float(s)) for a, s in adapters_with_scales)
-        if len(key) == len(self._merged_key) and all(
-                a is b and s == t for (a, s), (b, t) in zip(key, self._merged_key, strict=True)):
+        if key == self._merged_key:  # adapters compare by identity (eq=False), scales by value
             return
         device = next(self.model.parameters()).device
         deltas: dict[str, torch.Tensor] = {}
