@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .errors import TesseraError
-from .options import DenoiseMode, EarlyRefusal, Executor, OnHopeless, PolicyName, Runtime, Switch
+from .options import ControlMode, DenoiseMode, EarlyRefusal, Executor, OnHopeless, PolicyName, Runtime, Switch
 
 
 def _cmd_build_tiny(a: argparse.Namespace) -> int:
@@ -37,11 +37,18 @@ def _cmd_export(a: argparse.Namespace) -> int:
         policy=a.policy, max_batch=a.max_batch, max_in_flight=a.max_in_flight, executor=a.executor,
         denoiser_runtime=a.denoiser_runtime, denoise_mode=a.denoise_mode, patch_size=a.patch_size,
         tile_size=a.tile_size, tile_overlap=a.tile_overlap, on_hopeless=a.on_hopeless, early_refusal=a.early_refusal,
-        cfg_parallel=a.cfg_parallel,
+        cfg_parallel=a.cfg_parallel, control_parallel=a.control_parallel, control_mode=a.control_mode,
+        controlnet_cache=a.controlnet_cache, controlnet_cache_mb=a.controlnet_cache_mb,
     )
+    controlnets = {}
+    for item in a.controlnet:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--controlnet: allowed NAME=DIR (a diffusers ControlNetModel directory), got {item!r}")
+        controlnets[name] = path
     export_pipeline(
         a.pipeline_dir, a.repo, target=a.target, prefix=a.prefix, executor=a.executor,
-        engine_config=config, limits=limits, tolerance=a.tolerance,
+        engine_config=config, limits=limits, tolerance=a.tolerance, controlnets=controlnets,
     )
     return 0
 
@@ -120,6 +127,18 @@ def _cmd_train_lora(a: argparse.Namespace) -> int:
                         settings=settings, eval_images=a.eval_images, eval_steps=a.eval_steps,
                         evaluators_dir=a.evaluators, command=command)
     print(f"[tessera] train-lora: {report['styles']}")
+    return 0
+
+
+def _cmd_train_controlnet(a: argparse.Namespace) -> int:
+    from .quality.train_controlnet import ControlSettings, train_controlnet
+
+    settings = ControlSettings(lr=a.lr, batch=a.batch, steps=a.steps, per_res=a.scenes_per_res, mismatch=a.mismatch)
+    command = "tessera train-controlnet " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train-controlnet"] else ""
+    report = train_controlnet(a.out, a.base, a.work, kinds=tuple(a.kinds.split(",")), minutes=a.minutes,
+                              seed=a.seed, settings=settings, eval_images=a.eval_images, eval_steps=a.eval_steps,
+                              evaluator_path=a.evaluator or None, command=command)
+    print(f"[tessera] train-controlnet: {report['kinds']}")
     return 0
 
 
@@ -241,6 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cfg-parallel", choices=[m.value for m in Switch], default=Switch.OFF.value,
                    help="local executor, ORT: each denoiser call's rows as two halves at once (CFG halves in "
                         "parallel; perf/results/cfg_parallel.json)")
+    e.add_argument("--controlnet", action="append", default=[], metavar="NAME=DIR",
+                   help="serve a diffusers ControlNetModel as NAME (repeatable; the shared model controlnet_NAME, and "
+                        "the UNet also as encoder + decoder parts; UNet pipelines, --target cpu)")
+    e.add_argument("--control-parallel", choices=[m.value for m in Switch], default=Switch.ON.value,
+                   help="ControlNets beside the UNet encoder (on) or one after another (off) "
+                        "(default: %(default)s)")
+    e.add_argument("--control-mode", choices=[m.value for m in ControlMode], default=ControlMode.SYNC.value,
+                   help="sync: each step's residuals (exact); async: the previous step's (default: %(default)s)")
+    e.add_argument("--controlnet-cache", type=int, default=4,
+                   help="ControlNets kept resident, LRU (default: %(default)s)")
+    e.add_argument("--controlnet-cache-mb", type=int, default=1024,
+                   help="... and the bytes they may hold (default: %(default)s)")
     e.add_argument("--patch-size", type=int, default=0, help="latent cells; 0 = GCD of the step's sizes")
     e.add_argument("--tile-size", type=int, default=16, help="tiled: tile edge in latent cells")
     e.add_argument("--tile-overlap", type=int, default=4,
@@ -364,6 +395,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="directory holding evaluator.pt and style_evaluator.pt (either may be missing)")
     tl.add_argument("--seed", type=int, default=0, help="seed of the adapters' init, the data and the evaluation")
     tl.set_defaults(fn=_cmd_train_lora)
+
+    tc = sub.add_parser("train-controlnet", help="train one reference ControlNet per kind of control map on the "
+                                                 "heavy reference (diffusers format; resumable, time-bounded)")
+    tc.add_argument("out", help="ControlNets go to OUT/<kind>/ (save_pretrained), metadata to OUT/training.json")
+    tc.add_argument("--base", default="quality_models/heavy", help="the reference pipeline the ControlNets are for")
+    tc.add_argument("--work", default=".tessera_cache/train-controlnet",
+                    help="checkpoints and the dataset to resume from")
+    tc.add_argument("--kinds", default="silhouette,box",
+                    help="comma-separated control kinds to train (of silhouette, box), in that order")
+    tc.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget shared evenly by the kinds")
+    tc.add_argument("--steps", type=int, default=1500, help="training steps per kind to reach")
+    tc.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (linear warmup first)")
+    tc.add_argument("--batch", type=int, default=32, help="batch at 64x64 (other resolutions: half)")
+    tc.add_argument("--scenes-per-res", type=int, default=400,
+                    help="rendered training scenes per resolution (x4 at 64x64), VAE-encoded once")
+    tc.add_argument("--mismatch", type=float, default=0.5,
+                    help="chance a training caption names another position than the map (the map must win)")
+    tc.add_argument("--eval-images", type=int, default=48,
+                    help="generated 64x64 images per kind, prompt and map disagreeing on position (0: skip)")
+    tc.add_argument("--eval-steps", type=int, default=20, help="denoising steps of the adherence images")
+    tc.add_argument("--evaluator", default="quality_models/evaluator.pt", help="the main evaluator ('' to skip)")
+    tc.add_argument("--seed", type=int, default=0, help="seed of the weights, the data and the evaluation")
+    tc.set_defaults(fn=_cmd_train_controlnet)
 
     lp = sub.add_parser("lora-profile", help="profile each adapter's BAL step K per step count (cosine of "
                                              "latents with and without it), written beside the adapter")

@@ -64,8 +64,11 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
     return (dy <= 0.8) & (dy >= -1.0 + 1.8 * np.abs(dx) / 1.0) & (np.abs(dx) <= 1.0)  # triangle, apex up
 
 
-def render(label: Label, height: int, width: int, rng: np.random.Generator, style: str = "plain") -> np.ndarray:
-    """One image, float32 [H, W, 3] in [0, 1], in one of `STYLES` (plain: the original rendering)."""
+def render(label: Label, height: int, width: int, rng: np.random.Generator, style: str = "plain",
+           with_mask: bool = False):
+    """One image, float32 [H, W, 3] in [0, 1], in one of `STYLES` (plain: the original rendering).
+    with_mask: also the object's silhouette, bool [H, W] (the filled shape, whatever the style; the same
+    random draws, so the image is the one drawn without it)."""
     if style not in STYLES:
         raise ValueError(f"style: allowed {STYLES}, got {style!r}")
     ss = 2
@@ -96,6 +99,7 @@ def render(label: Label, height: int, width: int, rng: np.random.Generator, styl
         mask = (np.abs(dx) <= 0.85) & (np.abs(dy) <= 0.85)
     else:  # triangle, apex up
         mask = (dy <= 0.8) & (dy >= -1.0 + 1.8 * np.abs(dx) / 1.0) & (np.abs(dx) <= 1.0)
+    silhouette = mask.reshape(height, ss, width, ss).mean(axis=(1, 3)) >= 0.5
     colour = np.array(RGB[COLOURS[label.colour]], np.float32) * rng.uniform(0.85, 1.0)
     if style == "outlined":
         # The inner shape, scaled about the shape's own centre (the triangle's spans dy in [-1, 0.8]).
@@ -111,7 +115,8 @@ def render(label: Label, height: int, width: int, rng: np.random.Generator, styl
         img[mask] = colour
     img = img.reshape(height, ss, width, ss, 3).mean(axis=(1, 3))
     img += rng.normal(0, 0.01, size=img.shape).astype(np.float32)
-    return np.clip(img, 0.0, 1.0)
+    img = np.clip(img, 0.0, 1.0)
+    return (img, silhouette) if with_mask else img
 
 
 def batch(n: int, height: int, width: int, rng: np.random.Generator, labels: list[Label] | None = None,
