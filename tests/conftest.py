@@ -88,8 +88,13 @@ def repo(work_dir, tiny_pipelines) -> Path:
     add_engine(path, "engine", "engine_lora_ort", executor="local", denoiser_runtime="ort", lora_dir=str(loras))
     reference = Path(__file__).resolve().parents[1] / "quality_models" / "heavy"
     if reference.is_dir():  # the committed quality reference (tests/integration/test_quality_smoke.py)
+        # with the committed reference ControlNets (tests/integration/test_controlnet_serving.py)
+        nets = {k: reference.parent / "controlnet" / k for k in ("silhouette", "box")}
         export_pipeline(reference, path, prefix="ref_", engine_config=EngineConfig(executor="local", policy="step-fcfs"),
-                        progress=quiet)
+                        progress=quiet, controlnets={k: v for k, v in nets.items() if v.is_dir()})
+        add_engine(path, "ref_engine", "ref_engine_cn_serial", control_parallel="off")
+        add_engine(path, "ref_engine", "ref_engine_cn_async", control_mode="async")
+        add_engine(path, "ref_engine", "ref_engine_cn_one", controlnet_cache=1)  # fewer resident than served
         # the same model with entropy early exit on by default (tests/integration/test_early_exit_serving.py)
         add_engine(path, "ref_engine", "ref_engine_ee", entry="ref_txt2img_ee", early_exit="on")
     return path

@@ -43,6 +43,79 @@ class _UNet(torch.nn.Module):
         return self.model(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
 
+def down_residuals(unet) -> int:
+    """How many skip connections the UNet's encoder hands its decoder (= a ControlNet's down residuals)."""
+    return 1 + sum(len(b.resnets) + len(b.downsamplers or ()) for b in unet.down_blocks)
+
+
+class _UNetEncoder(torch.nn.Module):
+    """The UNet's time embedding, conv_in, down and mid blocks (UNet2DConditionModel.forward up to where a
+    ControlNet's residuals are added): -> emb, mid, down_0 .. down_{N-1}."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        u = self.model
+        emb = u.time_embedding(u.get_time_embed(sample=sample, timestep=timestep), None)
+        if u.time_embed_act is not None:
+            emb = u.time_embed_act(emb)
+        sample = u.conv_in(sample)
+        res = (sample,)
+        for block in u.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                sample, skips = block(hidden_states=sample, temb=emb, encoder_hidden_states=encoder_hidden_states)
+            else:
+                sample, skips = block(hidden_states=sample, temb=emb)
+            res += skips
+        if getattr(u.mid_block, "has_cross_attention", False):
+            sample = u.mid_block(sample, emb, encoder_hidden_states=encoder_hidden_states)
+        else:
+            sample = u.mid_block(sample, emb)
+        return (emb, sample, *res)
+
+
+class _UNetDecoder(torch.nn.Module):
+    """The rest of UNet2DConditionModel.forward: up blocks over the (ControlNet-summed) skips, then the output
+    convolution. Inputs: emb, mid, encoder_hidden_states, down_0 .. down_{N-1}."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, emb, mid, encoder_hidden_states, *down):
+        u = self.model
+        factor = 2 ** u.num_upsamplers
+        forward_size = any(d % factor for d in mid.shape[-2:]) or any(d % factor for d in down[0].shape[-2:])
+        sample, res = mid, tuple(down)
+        for i, block in enumerate(u.up_blocks):
+            skips, res = res[-len(block.resnets):], res[: -len(block.resnets)]
+            size = res[-1].shape[2:] if forward_size and i < len(u.up_blocks) - 1 else None
+            if getattr(block, "has_cross_attention", False):
+                sample = block(hidden_states=sample, temb=emb, res_hidden_states_tuple=skips,
+                               encoder_hidden_states=encoder_hidden_states, upsample_size=size)
+            else:
+                sample = block(hidden_states=sample, temb=emb, res_hidden_states_tuple=skips, upsample_size=size)
+        if u.conv_norm_out:
+            sample = u.conv_act(u.conv_norm_out(sample))
+        return u.conv_out(sample)
+
+
+class _ControlNet(torch.nn.Module):
+    """A diffusers ControlNetModel at conditioning scale 1 (the engine scales per request): -> down_0 ..
+    down_{N-1}, mid."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond):
+        down, mid = self.model(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                               controlnet_cond=controlnet_cond, conditioning_scale=1.0, return_dict=False)
+        return (*down, mid)
+
+
 class _SD3Transformer(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -143,6 +216,44 @@ def plan_components(pipe, family: str, latent_hw: tuple[tuple[int, int], tuple[i
             ({VAE_INPUT: ((1, lc, h1, w1), np.float32, 1.0)}, {VAE_INPUT: ((2, lc, h2, w2), np.float32, 1.0)}),
         )
     )
+    return comps
+
+
+def split_unet_components(unet, seq: int, latent_hw: tuple[tuple[int, int], tuple[int, int]],
+                          controlnets: dict[str, torch.nn.Module], vae_factor: int) -> list[ComponentExport]:
+    """The UNet as an encoder part and a decoder part, and each ControlNet (issue 15), with example shapes at
+    two latent sizes. Residual i has its own spatial axes (each level halves the latent)."""
+    n = down_residuals(unet)
+    (h1, w1), (h2, w2) = latent_hw
+    c, d = unet.config.in_channels, unet.config.cross_attention_dim
+    base = [{"sample": ((b, c, h, w), np.float32, 1.0), "timestep": ((b,), np.float32, 500.0),
+             "encoder_hidden_states": ((b, seq, d), np.float32, 1.0)} for b, h, w in ((2, h1, w1), (3, h2, w2))]
+    spatial = {0: "batch", 2: "height", 3: "width"}
+    axes = {"sample": spatial, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch", 1: "sequence"}}
+    downs = tuple(f"down_{i}" for i in range(n))
+    res_axes = {name: {0: "batch", 2: f"height_{i}", 3: f"width_{i}"} for i, name in enumerate(downs)}
+    res_axes["mid"] = {0: "batch", 2: "height_mid", 3: "width_mid"}
+    comps = [ComponentExport("denoiser_encoder", _UNetEncoder(unet), tuple(base[0]), ("emb", "mid", *downs),
+                             axes | res_axes | {"emb": {0: "batch"}}, tuple(base))]
+    # the decoder's examples: what the encoder gives for the two example inputs
+    enc = _UNetEncoder(unet).eval()
+    dec_ex = []
+    for ex, seed in zip(base, (0, 1), strict=True):
+        feed = _rand_inputs(ex, seed)
+        with torch.no_grad():
+            outs = enc(*(torch.from_numpy(feed[k]) for k in ("sample", "timestep", "encoder_hidden_states")))
+        shapes = {"emb": (tuple(outs[0].shape), np.float32, 1.0), "mid": (tuple(outs[1].shape), np.float32, 1.0),
+                  "encoder_hidden_states": ex["encoder_hidden_states"]}
+        shapes |= {name: (tuple(o.shape), np.float32, 1.0) for name, o in zip(downs, outs[2:], strict=True)}
+        dec_ex.append(shapes)
+    comps.append(ComponentExport("denoiser_decoder", _UNetDecoder(unet), ("emb", "mid", "encoder_hidden_states", *downs),
+                                 (DENOISER_OUTPUT,), {"emb": {0: "batch"}, "encoder_hidden_states": axes["encoder_hidden_states"],
+                                                      DENOISER_OUTPUT: spatial} | res_axes, tuple(dec_ex)))
+    for name, net in controlnets.items():
+        ex = tuple(b | {"controlnet_cond": ((b["sample"][0][0], 3, b["sample"][0][2] * vae_factor,
+                                              b["sample"][0][3] * vae_factor), np.float32, 1.0)} for b in base)
+        comps.append(ComponentExport(f"controlnet_{name}", _ControlNet(net), (*base[0], "controlnet_cond"),
+                                     (*downs, "mid"), axes | res_axes | {"controlnet_cond": {0: "batch", 2: "cond_height", 3: "cond_width"}}, ex))
     return comps
 
 

@@ -31,7 +31,7 @@ from tessera.wire import (
     ENGINE_MODEL, ENTRY_INPUTS, ENTRY_MAX_BATCH, ENTRY_MODEL, OUTPUT_IMAGE, OUTPUT_PREVIEW, OUTPUT_STEPS, STREAM_INPUTS,
 )
 
-from .onnx_export import OPSET, ComponentExport, export_component, plan_components
+from .onnx_export import OPSET, ComponentExport, down_residuals, export_component, plan_components, split_unet_components
 from .tiny import load_pipeline
 
 TARGETS = ("cpu", "gpu")
@@ -146,7 +146,7 @@ def _warmup_files(directory: Path, limits: Limits) -> None:
 def _engine_config(name: str, config: EngineConfig, limits: Limits) -> str:
     """The decoupled engine: the entry inputs plus optional streaming flags; image, step, preview out; warmed
     up and profiled before it reports ready."""
-    ins = [(s.name, f"TYPE_{s.triton_type}", [1], s.optional, False) for s in ENTRY_INPUTS]
+    ins = [(s.name, f"TYPE_{s.triton_type}", list(s.dims), s.optional, False) for s in ENTRY_INPUTS]
     ins += [(n, "TYPE_BOOL", [1], True, False) for n in STREAM_INPUTS]
     outs = [(OUTPUT_IMAGE, "TYPE_UINT8", [-1, -1, 3], False, False), (OUTPUT_STEPS, "TYPE_INT32", [1], False, False),
             (OUTPUT_PREVIEW, "TYPE_UINT8", [-1, -1, 3], False, False)]
@@ -162,7 +162,7 @@ def _engine_config(name: str, config: EngineConfig, limits: Limits) -> str:
 
 def _entry_config(name: str, engine: str, max_in_flight: int) -> str:
     """The non-decoupled facade for plain clients: same inputs, one image out."""
-    ins = [(s.name, f"TYPE_{s.triton_type}", [1], s.optional, False) for s in ENTRY_INPUTS]
+    ins = [(s.name, f"TYPE_{s.triton_type}", list(s.dims), s.optional, False) for s in ENTRY_INPUTS]
     outs = [(OUTPUT_IMAGE, "TYPE_UINT8", [-1, -1, 3], False, False), (OUTPUT_STEPS, "TYPE_INT32", [1], False, False)]
     return (
         f'name: "{name}"\nbackend: "python"\nmax_batch_size: {ENTRY_MAX_BATCH}\n'
@@ -259,6 +259,40 @@ def _build_plan(onnx_path: Path, plan_path: Path, comp: ComponentExport, limits:
     plan_path.write_bytes(bytes(engine))
 
 
+CONTROLNET_PREFIX = "controlnet_"
+_CONTROLNET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+_CONTROLNET_MATCH = ("in_channels", "block_out_channels", "down_block_types", "layers_per_block",
+                     "cross_attention_dim", "attention_head_dim", "norm_num_groups", "conv_in_kernel")
+
+
+def _load_controlnets(pipe, family: Family, dirs: dict[str, str | Path], target: str) -> dict:
+    """Each ControlNet (fp32), checked against the UNet whose encoder it mirrors."""
+    if not dirs:
+        return {}
+    if family is not Family.SD:
+        raise ExportError(f"controlnet: ControlNets are exported for UNet pipelines; allowed with family sd, got {family}")
+    if target != "cpu":
+        raise ExportError("controlnet: the UNet encoder/decoder split is not built as TensorRT plans yet; allowed "
+                          "with --target cpu")
+    from diffusers import ControlNetModel
+
+    nets = {}
+    for name, path in dirs.items():
+        if not _CONTROLNET_NAME.fullmatch(name):
+            raise ExportError(f"controlnet: name allowed [a-z0-9][a-z0-9_-]{{0,31}}, got {name!r}")
+        try:
+            net = ControlNetModel.from_pretrained(path).float().eval()
+        except Exception as e:  # noqa: BLE001 - a wrong directory is the operator's error
+            raise ExportError(f"controlnet: {name}={path} is not a diffusers ControlNetModel directory: {e}") from e
+        for key in _CONTROLNET_MATCH:
+            ours, theirs = pipe.unet.config.get(key), net.config.get(key)
+            if key in net.config and list(np.atleast_1d(ours)) != list(np.atleast_1d(theirs)):
+                raise ExportError(f"controlnet: {name} does not fit this UNet: {key} is {theirs!r}, the UNet's "
+                                  f"{ours!r}")
+        nets[name] = net
+    return nets
+
+
 def export_pipeline(
     pipeline_dir: str | Path,
     repo: str | Path,
@@ -269,8 +303,12 @@ def export_pipeline(
     limits: Limits | None = None,
     tolerance: float = 1e-3,
     progress=print,
+    controlnets: dict[str, str | Path] | None = None,
 ) -> PipelineSpec:
-    """Export every component and write the repository; returns the engine's PipelineSpec."""
+    """Export every component and write the repository; returns the engine's PipelineSpec. `controlnets`
+    (name -> diffusers ControlNetModel directory, issue 15): each becomes the shared model
+    `controlnet_<name>` (no prefix: several base pipelines of one repository use it), and the UNet is also
+    exported as `denoiser_encoder` + `denoiser_decoder` (prefixed) that take the ControlNets' residuals."""
     if target not in TARGETS:
         raise ExportError(f"target: unknown target; allowed {', '.join(TARGETS)}, got {target!r}")
     engine_config = engine_config or EngineConfig(executor=executor)
@@ -298,7 +336,11 @@ def export_pipeline(
     limits = replace(limits, size_multiple=multiple, min_size=max(limits.min_size, multiple))
     m = multiple // vae_factor
     comps = plan_components(pipe, family, ((4 * m, 4 * m), (6 * m, 4 * m)))
-    names = {c.name: prefix + c.name for c in comps}
+    nets = _load_controlnets(pipe, family, controlnets or {}, target)
+    if nets:
+        comps += split_unet_components(pipe.unet, pipe.tokenizer.model_max_length, ((4 * m, 4 * m), (6 * m, 4 * m)),
+                                       nets, vae_factor)
+    names = {c.name: (c.name if c.name.startswith(CONTROLNET_PREFIX) else prefix + c.name) for c in comps}
     repo.mkdir(parents=True, exist_ok=True)
     for i, comp in enumerate(comps, 1):
         name = names[comp.name]
@@ -318,6 +360,8 @@ def export_pipeline(
             (vdir / "model.py").write_text(SHIM_COMPONENT)
         (repo / name / "config.pbtxt").write_text(_component_config(name, comp, out_dims, trt))
         module = getattr(comp.module, "model", None) or getattr(comp.module, "vae", None)
+        if comp.name.startswith(CONTROLNET_PREFIX):
+            module.save_pretrained(vdir / "torch")  # the diffusers ControlNet beside its ONNX file
         if comp.name == "denoiser":  # the diffusers module too: the engine's torch runtime (exact patches)
             module.save_pretrained(vdir / "torch")
         (vdir / "manifest.json").write_text(
@@ -365,6 +409,10 @@ def export_pipeline(
         denoiser_multiple=den_factor,
         torch_denoiser=f"{names['denoiser']}/1/torch",
         component_max_batch=COMPONENT_MAX_BATCH,
+        denoiser_encoder=names.get("denoiser_encoder", ""),
+        denoiser_decoder=names.get("denoiser_decoder", ""),
+        controlnets=tuple(sorted(nets)),
+        down_residuals=down_residuals(pipe.unet) if nets else 0,
         limits=limits,
         source={"pipeline_dir": str(pipeline_dir.resolve()), "class": type(pipe).__name__, "target": target},
     )

@@ -47,6 +47,7 @@ class Gate:
     rows: tuple[Assignment, ...] | None  # per stepping request (None: nobody has adapters this step)
     wait: tuple[RequestState, ...] = ()
     failed: tuple[tuple[RequestState, Exception], ...] = ()
+    controls: tuple[Any, ...] | None = None  # per stepping request, its controlnet.ControlCall (None: nobody's)
 
 
 class NoAdapters:

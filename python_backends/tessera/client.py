@@ -34,8 +34,12 @@ def request_arrays(
     slo_ms: int | None = None,
     early_exit: bool | None = None,
     lora: str | None = None,
+    controlnet: str | None = None,
+    control_image: np.ndarray | None = None,
+    control_scale: float | list[float] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The entry model's input tensors ([batch, 1] each) for one request."""
+    """The entry model's input tensors for one request ([batch, 1] each; ControlNets: `controlnet` names
+    comma-separated, `control_image` uint8 [H, W], [H, W, 3] or [H, W, 3K], `control_scale` one or K)."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     n = len(prompts)
     seeds = [seed] * n if isinstance(seed, int) else list(seed)
@@ -60,6 +64,13 @@ def request_arrays(
         arrays["early_exit"] = col([early_exit] * n, np.bool_)
     if lora is not None:  # "name" or "name:scale", comma-separated
         arrays["lora"] = col([lora.encode()] * n, np.object_)
+    if controlnet is not None:
+        arrays["controlnet"] = col([controlnet.encode()] * n, np.object_)
+    if control_image is not None:
+        arrays["control_image"] = np.repeat(np.asarray(control_image, np.uint8).reshape(
+            (1, *control_image.shape[:2], -1)), n, axis=0)
+    if control_scale is not None:
+        arrays["control_scale"] = np.tile(np.asarray(control_scale, np.float32).reshape(1, -1), (n, 1))
     return arrays
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from .errors import ConfigError
-from .options import (DenoiseMode, EarlyRefusal, Executor, LastStep, LoraBatching, OnHopeless, Option, PolicyName,
+from .options import (ControlMode, DenoiseMode, EarlyRefusal, Executor, LastStep, LoraBatching, OnHopeless, Option, PolicyName,
                       Runtime, Switch)
 
-OPTIONS: dict[str, type[Option]] = {c.__name__: c for c in (DenoiseMode, EarlyRefusal, Executor, LastStep, LoraBatching,
+OPTIONS: dict[str, type[Option]] = {c.__name__: c for c in (ControlMode, DenoiseMode, EarlyRefusal, Executor, LastStep, LoraBatching,
                                                             OnHopeless, PolicyName, Runtime, Switch)}
 
 
@@ -82,6 +82,17 @@ class EngineConfig:
     lora_batching: LoraBatching = LoraBatching.MIXED
     """mixed: requests with different adapter sets, and none, share each step; one_set: a step runs one adapter
     set (the most urgent request's), the others sit it out, as in servers that hold one adapter per batch."""
+    control_parallel: Switch = Switch.ON
+    """ControlNets (issue 15): on: a step's ControlNet calls run beside the UNet encoder on threads of the
+    engine's process and the decoder waits for them; off: encoder, ControlNets, decoder one after another."""
+    control_mode: ControlMode = ControlMode.SYNC
+    """sync: each step's residuals from this step's ControlNet calls (exact); async: the previous step's
+    (SwiftDiffusion's asynchronous variant: the ControlNets overlap the whole UNet; measured in
+    perf/results/controlnet_quality.json)."""
+    controlnet_cache: int = 4
+    """ControlNet service: ControlNets kept resident (LRU; ones in use are never evicted)."""
+    controlnet_cache_mb: int = 1024
+    """... and the bytes they may hold."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -111,7 +122,9 @@ class EngineConfig:
         if self.lora_cache_mb < 0 or self.lora_k < 0 or self.lora_load_delay_ms < 0:
             raise ConfigError("lora_cache_mb, lora_k, lora_load_delay_ms: allowed >= 0, got "
                               f"{self.lora_cache_mb}, {self.lora_k}, {self.lora_load_delay_ms}")
-        for name in ("max_batch", "max_in_flight", "intra_op_threads", "tile_size", "min_steps", "round_steps"):
+        if self.controlnet_cache_mb < 0:
+            raise ConfigError(f"controlnet_cache_mb: allowed >= 0, got {self.controlnet_cache_mb}")
+        for name in ("max_batch", "max_in_flight", "controlnet_cache", "intra_op_threads", "tile_size", "min_steps", "round_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: allowed >= 1, got {getattr(self, name)}")
 

@@ -72,9 +72,11 @@ class CostModel:
     @classmethod
     def from_terms(cls, terms: dict[str, float], vae_factor: int) -> CostModel:
         pred = LatencyPredictor()
-        # step_adapter_cells is absent from terms recorded before adapters existed: no adapter cost then
-        pred.coef = np.array([terms[f"step_{n}"] if n != "adapter_cells" else terms.get(f"step_{n}", 0.0)
-                              for n in STEP_FEATURES], dtype=np.float64)
+        # step_adapter_cells / step_control_cells are absent from terms recorded before adapters / ControlNets
+        # existed: no such cost then
+        late = ("adapter_cells", "control_cells")
+        pred.coef = np.array([terms.get(f"step_{n}", 0.0) if n in late else terms[f"step_{n}"] for n in STEP_FEATURES],
+                             dtype=np.float64)
         return cls(pred, vae_factor, terms["start_s"], terms["finish_base_s"], terms["finish_s_per_cell"],
                    terms["gap_s"])
 
@@ -84,8 +86,10 @@ class CostModel:
         f = self.vae_factor
         adapted = [bool(s.params.lora) for s in states] if adapted is None else adapted
         requests = tuple((s.params.height // f, s.params.width // f, 2 if s.params.do_cfg else 1) for s in states)
+        control = sum(h * w * r * len(s.params.control.names)
+                      for (h, w, r), s in zip(requests, states, strict=True) if s.params.control is not None)
         return BatchShape(requests, adapter_cells=sum(h * w * r for (h, w, r), a in zip(requests, adapted, strict=True)
-                                                      if a))
+                                                      if a), control_cells=control)
 
     def step_s(self, states) -> float:
         return self.predictor.predict(self.shape(states)) + self.gap_s if states else 0.0

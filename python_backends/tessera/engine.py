@@ -146,7 +146,7 @@ class Engine:
             self.last_advance = frozenset(rid for rid in plan.advance if rid in self.running)
             involved = tuple(s.request_id for s in gate.step)  # who sat the step out did not run: not failed
             if gate.step:
-                self._advance(list(gate.step), gate.rows, now_s, put)  # (3)-(6)
+                self._advance(list(gate.step), gate.rows, gate.controls, now_s, put)  # (3)-(6)
         except Exception as e:  # noqa: BLE001 - the step's requests are answered, the engine goes on
             self._fail_step(involved, e, put)
         if self.has_work():
@@ -189,7 +189,7 @@ class Engine:
             state.joined_s = now_s
             self.running[rid] = self.waiting.pop(rid)
 
-    def _advance(self, batch: list[RequestState], rows, now_s: float, put: Emit) -> None:
+    def _advance(self, batch: list[RequestState], rows, controls, now_s: float, put: Emit) -> None:
         before = tuple(s.step_index for s in batch)
         adapted = [bool(a) for a in rows] if rows is not None else [False] * len(batch)
         shape = self.cost.shape(batch, adapted) if self.cost is not None else None
@@ -197,7 +197,8 @@ class Engine:
         t0 = self.clock()
         # (3) one executor run for every advancing request (if it raises, the step fails as a whole)
         preds, stats = self.denoiser.run([self.pipeline.denoiser_inputs(s.run) for s in batch],
-                                         list(rows) if rows is not None else None)
+                                         list(rows) if rows is not None else None,
+                                         list(controls) if controls is not None else None)
         # (4) each request's sampler update and the early-exit rule; a failure fails that request alone
         for s, pred in zip(batch, preds, strict=True):
             try:

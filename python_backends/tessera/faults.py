@@ -74,10 +74,11 @@ class FaultyDenoiser:
     def __init__(self, denoiser: Denoiser):
         self.denoiser = denoiser
 
-    def run(self, items: list[Inputs], adapters: list[Any] | None = None) -> tuple[list[Any], CallStats]:
+    def run(self, items: list[Inputs], adapters: list[Any] | None = None,
+            controls: list[Any] | None = None) -> tuple[list[Any], CallStats]:
         if any(_STEP_KEY in it for it in items):
             raise InjectedFault(f"injected: denoiser failure on a step of {len(items)} requests")
-        return self.denoiser.run(items, adapters)
+        return self.denoiser.run(items, adapters, controls)
 
 
 def inject(pipeline: Pipeline, denoiser: Denoiser) -> tuple[Pipeline, Denoiser]:

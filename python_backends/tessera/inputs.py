@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .errors import InvalidInputError
+from .control_spec import parse_control
 from .lora_spec import NO_LORA, parse_lora
 from .request import GenerationParams
 from .wire import ENTRY_INPUTS, ENTRY_MAX_BATCH, InputSpec
@@ -58,8 +59,9 @@ def _check_tensor(spec: InputSpec, value: np.ndarray, batch: int | None) -> int:
         ok = got == want
     if not ok:
         raise InvalidInputError(spec.name, "wrong data type", f"{_dtype_name(want)}", _dtype_name(got))
-    if value.ndim != 2 or value.shape[1] != 1:
-        raise InvalidInputError(spec.name, "wrong shape", "[batch, 1]", list(value.shape))
+    if value.ndim != 1 + len(spec.dims) or any(d not in (-1, v) for d, v in zip(spec.dims, value.shape[1:])):
+        shape = ", ".join("N" if d == -1 else str(d) for d in spec.dims)
+        raise InvalidInputError(spec.name, "wrong shape", f"[batch, {shape}]", list(value.shape))
     n = value.shape[0]
     if not 1 <= n <= ENTRY_MAX_BATCH:
         raise InvalidInputError(spec.name, "batch size out of range", f"[1, {ENTRY_MAX_BATCH}]", n)
@@ -95,17 +97,30 @@ def _int_in(field: str, raw: object, lo: int, hi: int, multiple: int = 1) -> int
     return v
 
 
+def _control(values: Mapping[str, np.ndarray], i: int, height: int, width: int,
+             served: Collection[str] | None):
+    names = None
+    if "controlnet" in values:
+        raw = values["controlnet"][i]
+        names = _text("controlnet", raw, Limits(), allow_empty=True).split(",")
+    scales = values["control_scale"][i] if "control_scale" in values else None
+    image = values["control_image"][i] if "control_image" in values else None
+    return parse_control(names, scales, image, height, width, None if served is None else frozenset(served))
+
+
 def parse_request(
     tensors: Mapping[str, np.ndarray | None],
     limits: Limits,
     count_tokens: Callable[[str], int] | None = None,
     adapters: Collection[str] | None = (),
+    controlnets: Collection[str] | None = (),
 ) -> list[GenerationParams]:
     """Validate one entry request ([batch, 1] tensors by input name) into one GenerationParams per item.
 
     `count_tokens(text)` returns the token count including start/end tokens; if given, prompts longer
     than `limits.max_prompt_tokens` are refused (diffusers would silently truncate them). `adapters` are
-    the LoRA names the model serves (none by default); None leaves names to the engine (the facade).
+    the LoRA names the model serves (none by default), `controlnets` its ControlNet names; None leaves names
+    to the engine (the facade).
     """
     unknown = sorted(set(tensors) - {s.name for s in ENTRY_INPUTS})
     if unknown:
@@ -120,7 +135,7 @@ def parse_request(
             raise InvalidInputError(spec.name, "missing", "a [batch, 1] tensor of " + _dtype_name(np.dtype(spec.dtype)))
         value = np.asarray(value)
         batch = _check_tensor(spec, value, batch)
-        values[spec.name] = value.reshape(-1)
+        values[spec.name] = value.reshape(-1) if spec.dims == (1,) else value
 
     size_lo = max(limits.min_size, limits.size_multiple)
     out: list[GenerationParams] = []
@@ -150,8 +165,12 @@ def parse_request(
             slo_ms = _int_in("slo_ms", values["slo_ms"][i], 1, limits.max_slo_ms)
         early_exit = bool(values["early_exit"][i]) if "early_exit" in values else None
         lora = parse_lora([values["lora"][i]], adapters) if "lora" in values else NO_LORA
+        control = _control(values, i, height, width, controlnets)
+        if control is not None and lora:
+            raise InvalidInputError("controlnet", "not served together with lora yet", "one of lora, controlnet",
+                                    "both")
         out.append(GenerationParams(prompt, negative, height, width, steps, guidance, seed, slo_ms, early_exit,
-                                    lora))
+                                    lora, control))
     sizes = {(p.height, p.width) for p in out}
     if len(sizes) > 1:
         raise InvalidInputError(

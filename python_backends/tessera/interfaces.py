@@ -42,8 +42,11 @@ class CallStats:
 class Denoiser(Protocol):
     """Runs one denoising step for many requests at once (executors.denoise)."""
 
-    def run(self, items: list[Inputs], adapters: list[Any] | None = None) -> tuple[list[Any], CallStats]:
-        """`adapters`: per item, its (loaded adapter, scale) pairs for this step (None: nobody has any)."""
+    def run(self, items: list[Inputs], adapters: list[Any] | None = None,
+            controls: list[Any] | None = None) -> tuple[list[Any], CallStats]:
+        """`adapters`: per item, its (loaded adapter, scale) pairs for this step (None: nobody has any);
+        `controls`: per item, its controlnet.ControlCall or None (None: nobody has a ControlNet; only
+        executors.control.ControlDenoiser takes them)."""
         ...
 
 

@@ -62,10 +62,14 @@ class CacheStats:
 class LoraCache(Generic[V]):
     """A bytes-bounded LRU of loaded adapters with reference-counted pins (rule in the module docstring)."""
 
-    def __init__(self, budget_bytes: int) -> None:
+    def __init__(self, budget_bytes: int, max_entries: int | None = None) -> None:
+        """`max_entries`: also at most this many entries (unpinned ones evicted first, the same LRU rule)."""
         if budget_bytes < 0:
             raise ConfigError(f"lora_cache_bytes: negative; allowed a size in bytes >= 0, got {budget_bytes}")
+        if max_entries is not None and max_entries < 1:
+            raise ConfigError(f"cache entries: allowed >= 1, got {max_entries}")
         self.budget_bytes = budget_bytes
+        self.max_entries = max_entries
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, tuple[V, int]] = OrderedDict()  # least recently used first
         self._pins: dict[str, int] = {}
@@ -143,17 +147,20 @@ class LoraCache(Generic[V]):
             return CacheStats(self._hits, self._misses, self._evictions, self._rejected, self._bytes_inserted,
                               self._bytes_evicted, len(self._entries), pinned, self._bytes, self.budget_bytes)
 
+    def _fits(self) -> bool:
+        return self._bytes <= self.budget_bytes and (self.max_entries is None or len(self._entries) <= self.max_entries)
+
     def _evict(self) -> tuple[str, ...]:
         """Evict least recently used unpinned entries until the bytes held fit (caller holds the lock)."""
         evicted = []
-        if self._bytes > self.budget_bytes:
+        if not self._fits():
             for name in [n for n in self._entries if not self._pins.get(n)]:
                 _, nbytes = self._entries.pop(name)
                 self._bytes -= nbytes
                 self._bytes_evicted += nbytes
                 self._evictions += 1
                 evicted.append(name)
-                if self._bytes <= self.budget_bytes:
+                if self._fits():
                     break
         if evicted:
             log.debug("LoRA cache evicted %s (%d bytes held, budget %d)", evicted, self._bytes,

@@ -93,6 +93,9 @@ class ImageRequest:
     slo_ms: int | None = None
     early_exit: bool | None = None
     lora: str | None = None  # "name" or "name:scale", comma-separated (the engine checks the names)
+    controlnet: str | None = None  # ControlNet names, comma-separated (the engine checks them)
+    control_image: np.ndarray | None = None  # uint8 [H, W, C]: the decoded control image(s), channels stacked
+    control_scale: tuple[float, ...] | None = None
     stream: bool = False
     partial_images: int = 0
 
@@ -107,7 +110,7 @@ _ACCEPTED_ONLY = {
     "quality": ("auto", "standard"), "background": ("auto", "opaque"), "output_format": ("png",),
 }
 _KNOWN = {"prompt", "model", "n", "size", "response_format", "stream", "partial_images", "negative_prompt", "seed",
-          "num_inference_steps", "guidance_scale", "slo_ms", "early_exit", "lora", *_ACCEPTED_ONLY}
+          "num_inference_steps", "guidance_scale", "slo_ms", "early_exit", "lora", "controlnet", "control_image", "control_scale", *_ACCEPTED_ONLY}
 
 
 def _typed(body: Mapping, name: str, kinds: tuple[type, ...], label: str, default=None):
@@ -167,15 +170,62 @@ def parse_generation(body: object, defaults: FrontDefaults = FrontDefaults(),
         lora = ",".join(lora)
     elif lora is not None and not isinstance(lora, str):
         raise invalid("lora", "wrong type", "'name[:scale]' or a list of them", lora)
+    controlnet, control_image, control_scale = _control(body)
     return ImageRequest(
         prompt=prompt, model=_typed(body, "model", (str,), "a model id from GET /v1/models"),
         n=_int(body, "n", 1, MAX_N, 1), width=width, height=height,
         steps=_typed(body, "num_inference_steps", (int,), "an integer", defaults.steps),
         guidance_scale=float(guidance), seed=seed_source() if seed is None else seed, negative_prompt=negative,
         slo_ms=_typed(body, "slo_ms", (int,), "an integer (milliseconds)"),
-        early_exit=_typed(body, "early_exit", (bool,), "true or false"), lora=lora, stream=stream,
-        partial_images=partial,
+        early_exit=_typed(body, "early_exit", (bool,), "true or false"), lora=lora, controlnet=controlnet,
+        control_image=control_image, control_scale=control_scale, stream=stream, partial_images=partial,
     )
+
+
+def _control(body: Mapping) -> tuple[str | None, np.ndarray | None, tuple[float, ...] | None]:
+    """`controlnet` (a name or a list), `control_image` (a base64 PNG, or one per ControlNet: decoded and
+    stacked along channels, RGB each), `control_scale` (a number or a list). Sizes, names and ranges are the
+    engine's to check (its errors come back as 400 naming the parameter)."""
+    names = body.get("controlnet")
+    if isinstance(names, list) and names and all(isinstance(x, str) for x in names):
+        names = ",".join(names)
+    elif names is not None and not isinstance(names, str):
+        raise invalid("controlnet", "wrong type", "a ControlNet name or a list of them", names)
+    raw = body.get("control_image")
+    image = None
+    if raw is not None:
+        items = raw if isinstance(raw, list) else [raw]
+        if not items or not all(isinstance(x, str) for x in items):
+            raise invalid("control_image", "wrong type", "a base64 PNG, or a list of them (one per controlnet)", raw)
+        decoded = [_png(x) for x in items]
+        if len(decoded) > 1:
+            decoded = [np.repeat(d, 3, axis=2) if d.shape[2] == 1 else d for d in decoded]
+            if len({d.shape[:2] for d in decoded}) > 1:
+                raise invalid("control_image", "images of different sizes", "one size", [d.shape[:2] for d in decoded])
+        image = np.concatenate(decoded, axis=2)
+    scale = body.get("control_scale")
+    scales = None
+    if scale is not None:
+        values = scale if isinstance(scale, list) else [scale]
+        if not values or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in values):
+            raise invalid("control_scale", "wrong type", "a number or a list of numbers", scale)
+        scales = tuple(float(x) for x in values)
+    return names, image, scales
+
+
+def _png(data: str) -> np.ndarray:
+    """A base64 PNG (or JPEG) -> uint8 [H, W, 1] (greyscale) or [H, W, 3]."""
+    import binascii
+
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+        img.load()
+    except (binascii.Error, ValueError, OSError) as e:
+        raise invalid("control_image", "not a base64 image", "a base64-encoded PNG", f"{type(e).__name__}") from e
+    arr = np.asarray(img.convert("L") if img.mode in ("L", "1", "I", "I;16") else img.convert("RGB"), np.uint8)
+    return arr[..., None] if arr.ndim == 2 else arr
 
 
 def api_error_of(message: str) -> ApiError:
@@ -304,7 +354,8 @@ class TritonImages:
         async def requests():
             for i in range(req.n):
                 arrays = request_arrays(req.prompt, req.height, req.width, req.steps, req.guidance_scale, req.seed + i,
-                                        req.negative_prompt, req.slo_ms, req.early_exit, req.lora)
+                                        req.negative_prompt, req.slo_ms, req.early_exit, req.lora, req.controlnet,
+                                        req.control_image, list(req.control_scale) if req.control_scale else None)
                 arrays |= {"progress": np.array([[stream_on]]), "preview": np.array([[req.partial_images > 0]])}
                 yield {"model_name": model, "inputs": infer_inputs("grpc", arrays), "request_id": str(i)}
             await closed.wait()  # keep the stream open until every image is answered (or cancelled)

@@ -83,3 +83,8 @@ class Family(Option):
 class LoraBatching(Option):
     MIXED = "mixed"  # requests with different adapter sets, and none, share a step (per-row adapters)
     ONE_SET = "one_set"  # one adapter set per step, as servers that merge adapters do (a baseline)
+
+
+class ControlMode(Option):
+    SYNC = "sync"  # every step's residuals from this step's ControlNet calls (exact)
+    ASYNC = "async"  # the decoder takes the previous step's residuals; ControlNets run beside the whole UNet

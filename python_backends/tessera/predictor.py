@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 
-STEP_FEATURES = ("const", "cells", "requests", "resolutions", "rows", "adapter_cells")  # BatchShape.features(), in order
+STEP_FEATURES = ("const", "cells", "requests", "resolutions", "rows", "adapter_cells", "control_cells")  # BatchShape.features(), in order
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,12 +27,14 @@ class BatchShape:
     requests: tuple[tuple[int, int, int], ...]
     denoiser_rows: int = 0  # patches/tiles/latents fed to the denoiser (0: sum of request rows)
     adapter_cells: int = 0  # rows x latent cells of the requests whose rows carry LoRA adapters this step
+    control_cells: int = 0  # rows x latent cells x ControlNets, over the requests with ControlNets
 
     def features(self) -> np.ndarray:
         cells = sum(h * w * r for h, w, r in self.requests)
         distinct = len({(h, w) for h, w, _ in self.requests})
         rows = self.denoiser_rows or sum(r for _, _, r in self.requests)
-        return np.array([1.0, cells, len(self.requests), distinct, rows, self.adapter_cells], dtype=np.float64)
+        return np.array([1.0, cells, len(self.requests), distinct, rows, self.adapter_cells, self.control_cells],
+                        dtype=np.float64)
 
 
 class LatencyPredictor:

@@ -7,6 +7,7 @@ import enum
 import math
 from dataclasses import dataclass, field, replace
 
+from .control_spec import ControlSpec
 from .interfaces import Run
 from .lora_spec import NO_LORA, LoraSet
 
@@ -23,6 +24,7 @@ class GenerationParams:
     slo_ms: int | None = None  # deadline relative to arrival; None: slo_scale x the isolated latency
     early_exit: bool | None = None  # entropy early exit for this request; None: the server's default
     lora: LoraSet = NO_LORA  # adapters and scales (issue 14)
+    control: ControlSpec | None = None  # ControlNets, scales and condition maps (issue 15)
 
     @property
     def do_cfg(self) -> bool:

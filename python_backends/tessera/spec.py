@@ -31,6 +31,10 @@ class PipelineSpec:
     denoiser_multiple: int = 1  # latent cells a patch edge must divide by (UNet downsampling / DiT patch)
     component_max_batch: int = 16  # the component models' max_batch_size: BLS calls are chunked to it
     torch_denoiser: str = ""  # repo-relative directory of the diffusers denoiser (torch runtime)
+    denoiser_encoder: str = ""  # the UNet's down + mid blocks (models taking ControlNet residuals; issue 15)
+    denoiser_decoder: str = ""  # the UNet's up blocks over the (ControlNet-summed) skips
+    controlnets: tuple[str, ...] = ()  # ControlNets served (model controlnet_<name> each, shared in the repo)
+    down_residuals: int = 0  # skips the encoder hands the decoder (= each ControlNet's down residuals)
     limits: Limits = field(default_factory=Limits)
     source: dict = field(default_factory=dict)  # provenance: pipeline dir, class, config hashes
 
@@ -61,4 +65,5 @@ class PipelineSpec:
         data["limits"] = Limits.from_dict(data.get("limits", {}))
         data["text_encoders"] = tuple(data["text_encoders"])
         data["tokenizers"] = tuple(data["tokenizers"])
+        data["controlnets"] = tuple(data.get("controlnets", ()))
         return cls(**data)

@@ -23,9 +23,11 @@ class InputSpec:
     dtype: type  # numpy dtype of the tensor
     triton_type: str  # Triton datatype string (config.pbtxt uses TYPE_<triton_type>)
     optional: bool = False
+    dims: tuple[int, ...] = (1,)  # per item, after the batch dimension (-1: any size)
 
 
-# Every entry input is [batch, 1]: the batch dimension first, one value per batch item.
+# Every entry input is [batch, *dims]: the batch dimension first; [batch, 1] (one value per item) but the
+# ControlNet scales [batch, K] and condition maps [batch, H, W, C].
 ENTRY_INPUTS: tuple[InputSpec, ...] = (
     InputSpec("prompt", np.object_, "STRING"),
     InputSpec("negative_prompt", np.object_, "STRING", optional=True),
@@ -37,6 +39,9 @@ ENTRY_INPUTS: tuple[InputSpec, ...] = (
     InputSpec("slo_ms", np.int32, "INT32", optional=True),
     InputSpec("early_exit", np.bool_, "BOOL", optional=True),  # absent: the server's default
     InputSpec("lora", np.object_, "STRING", optional=True),  # "name" or "name:scale", comma-separated, up to 4
+    InputSpec("controlnet", np.object_, "STRING", optional=True),  # ControlNet names, comma-separated, up to 3
+    InputSpec("control_scale", np.float32, "FP32", optional=True, dims=(-1,)),  # one, or one per ControlNet
+    InputSpec("control_image", np.uint8, "UINT8", optional=True, dims=(-1, -1, -1)),  # [H, W, 1 | 3 | 3K]
 )
 ENTRY_INPUT_NAMES = tuple(s.name for s in ENTRY_INPUTS)
 OUTPUT_PREVIEW = "preview"  # engine only: UINT8 [1, h, w, 3] latent-resolution preview with progress

@@ -22,7 +22,7 @@ def state(rid, lora=NO_LORA, size=64, steps=10, guidance=5.0):
 
 def cost(per_cell=0.001, base=0.01, adapter_per_cell=0.0005) -> CostModel:
     p = LatencyPredictor()
-    p.coef = np.array([base, per_cell, 0.0, 0.0, 0.0, adapter_per_cell])
+    p.coef = np.array([base, per_cell, 0.0, 0.0, 0.0, adapter_per_cell, 0.0])
     return CostModel(p, vae_factor=8)
 
 
@@ -35,7 +35,7 @@ def test_step_features_count_adapter_cells_of_adapted_rows_only():
     c = cost()
     x, plain, small = (state("x", LoraSet.of([("a", 1.0)])), state("p"),
                        state("s", LoraSet.of([("b", 0.5)]), size=32, guidance=1.0))
-    assert STEP_FEATURES[-1] == "adapter_cells"
+    assert STEP_FEATURES[-2:] == ("adapter_cells", "control_cells")
     # planning ahead: every request that asked for adapters has them; 64x64 -> 8x8 cells, CFG rows x2
     assert c.shape([x, plain, small]).adapter_cells == 8 * 8 * 2 + 4 * 4 * 1
     # at the step the engine says who carries them (x still loading: runs on the base model)

@@ -21,7 +21,7 @@ STEPS = {"req-a": 3, "req-b": 5, "req-c": 8}  # the faulty one (b) ends in the m
 def cost_model() -> CostModel:
     """Step = 0.01 + 0.001 x cells x rows (64 px: 0.138 s); join and finish free."""
     p = LatencyPredictor()
-    p.coef = np.array([0.01, 0.001, 0.0, 0.0, 0.0, 0.0])
+    p.coef = np.array([0.01, 0.001, 0.0, 0.0, 0.0, 0.0, 0.0])
     return CostModel(p, vae_factor=8)
 
 
@@ -34,7 +34,7 @@ class _Pipeline(_SimPipeline):
 
 
 class _Denoiser(_SimDenoiser):
-    def run(self, items, adapters=None):
+    def run(self, items, adapters=None, controls=None):
         return super().run([it["sample"] for it in items])
 
 

@@ -25,7 +25,7 @@ WAIT_S = 5.0  # generous timeouts for threads: a test that passes never waits th
 def cost_model(per_cell=0.001, base=0.01) -> CostModel:
     """Step = base + per_cell x (cells x rows); join 0, finish 0 (64 px, CFG: 0.138 s a step)."""
     p = LatencyPredictor()
-    p.coef = np.array([base, per_cell, 0.0, 0.0, 0.0, 0.0])
+    p.coef = np.array([base, per_cell, 0.0, 0.0, 0.0, 0.0, 0.0])
     return CostModel(p, vae_factor=8)
 
 
@@ -55,7 +55,7 @@ class Sink:
 
 
 class _Denoiser(_SimDenoiser):
-    def run(self, items, adapters=None):  # FaultyDenoiser looks into each item's inputs: give it dicts
+    def run(self, items, adapters=None, controls=None):  # FaultyDenoiser looks into each item's inputs: give it dicts
         return super().run([it["sample"] for it in items])
 
 

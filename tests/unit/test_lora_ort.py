@@ -188,7 +188,7 @@ def test_lora_ort_through_concat_denoiser_and_the_factory(setup, tmp_path):
     (tmp_path / "denoiser" / "1" / "model.onnx").write_bytes(setup["onnx"].read_bytes())
     config = EngineConfig(denoiser_runtime="ort", lora_dir=str(setup["dir"]))
     components = types.SimpleNamespace(denoise=setup["base"])
-    denoiser = make_denoiser(config, types.SimpleNamespace(denoiser="denoiser"), tmp_path, components)
+    denoiser = make_denoiser(config, types.SimpleNamespace(denoiser="denoiser", controlnets=()), tmp_path, components)
     assert isinstance(denoiser, ConcatDenoiser) and isinstance(denoiser.call, OrtLora)
     X, inputs = setup["X"], setup["inputs"]
     items = [_rows(inputs, slice(0, 2)), _rows(inputs, slice(2, 4))]
@@ -200,7 +200,7 @@ def test_lora_ort_through_concat_denoiser_and_the_factory(setup, tmp_path):
             EngineConfig(denoiser_runtime="torch" if mode == "patches" else "ort", denoise_mode=mode,
                          lora_dir=str(setup["dir"]))
     with pytest.raises(ConfigError, match="needs the denoiser's ONNX file"):
-        make_denoiser(config, types.SimpleNamespace(denoiser="nope"), tmp_path, components)
+        make_denoiser(config, types.SimpleNamespace(denoiser="nope", controlnets=()), tmp_path, components)
 
 
 def test_lora_ort_external_data_model_takes_external_initializers(setup, tmp_path):

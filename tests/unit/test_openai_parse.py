@@ -32,11 +32,36 @@ def test_defaults_and_extensions():
     ({"guidance_scale": float("nan")}, "guidance_scale"), ({"negative_prompt": 3}, "negative_prompt"),
     ({"early_exit": 1}, "early_exit"), ({"slo_ms": 1.5}, "slo_ms"), ({"background": "transparent"}, "background"),
     ({"user": 5}, "user"), ({"lora": 5}, "lora"), ({"lora": ["a", 2]}, "lora"), ({"model": 3}, "model"), ({"seed": 2**63}, "seed"),
+    ({"controlnet": 3}, "controlnet"), ({"control_image": "not base64!"}, "control_image"),
+    ({"control_image": [1]}, "control_image"), ({"control_scale": "1"}, "control_scale"),
 ])
 def test_invalid_names_the_parameter(body, param):
     with pytest.raises(ApiError) as e:
         parse(**body)
     assert e.value.status == 400 and e.value.param == param and str(e.value).startswith(param + ":")
+
+
+def _png(array: np.ndarray) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_control_inputs_decode_and_stack():
+    grey = np.zeros((64, 128), np.uint8)
+    grey[5, 7] = 200
+    r = parse(controlnet="box", control_image=_png(grey), control_scale=0.5)
+    assert r.controlnet == "box" and r.control_image.shape == (64, 128, 1) and r.control_image[5, 7, 0] == 200
+    assert r.control_scale == (0.5,)
+    rgb = np.zeros((64, 128, 3), np.uint8)
+    r = parse(controlnet=["box", "silhouette"], control_image=[_png(grey), _png(rgb)], control_scale=[1, 0.25])
+    assert r.controlnet == "box,silhouette" and r.control_image.shape == (64, 128, 6) and r.control_scale == (1.0, 0.25)
+    assert r.control_image[5, 7].tolist() == [200, 200, 200, 0, 0, 0]
 
 
 def test_body_must_be_an_object():

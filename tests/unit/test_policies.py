@@ -24,7 +24,7 @@ class FakeRun:
 def cost_model(per_cell=0.001, base=0.01) -> CostModel:
     """Step = base + per_cell x (cells x rows); join 0, finish 0: easy arithmetic."""
     p = LatencyPredictor()
-    p.coef = np.array([base, per_cell, 0.0, 0.0, 0.0, 0.0])
+    p.coef = np.array([base, per_cell, 0.0, 0.0, 0.0, 0.0, 0.0])
     return CostModel(p, vae_factor=8)
 
 

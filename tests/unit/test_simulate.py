@@ -16,7 +16,7 @@ SLO_MS = {(64, 64): 2000.0}
 def cost_model(finish_s: float = 0.0) -> CostModel:
     """Step = 0.01 + 0.001 x cells x rows: 64 px -> 0.138 s, 128 px -> 0.522 s (CFG rows 2)."""
     p = LatencyPredictor()
-    p.coef = np.array([0.01, 0.001, 0.0, 0.0, 0.0, 0.0])
+    p.coef = np.array([0.01, 0.001, 0.0, 0.0, 0.0, 0.0, 0.0])
     return CostModel(p, vae_factor=8, finish_base_s=finish_s)
 
 

@@ -72,7 +72,7 @@ class _SimDenoiser:
     def __init__(self, clock: VirtualClock, cost: CostModel):
         self.clock, self.cost = clock, cost
 
-    def run(self, runs, adapters=None):
+    def run(self, runs, adapters=None, controls=None):
         states = [RequestState("x", r.params, 0.0) for r in runs]
         self.clock.t += self.cost.predictor.predict(self.cost.shape(states))  # the denoiser's time only
         n = len(runs)

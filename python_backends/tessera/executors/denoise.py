@@ -38,6 +38,12 @@ def _split(out: np.ndarray, items: list[Inputs]) -> list[np.ndarray]:
     return res
 
 
+def no_controlnets(controls: list | None, mode: str) -> None:
+    if controls is not None and any(c is not None for c in controls):
+        raise RuntimeError(f"controlnet: denoise_mode {mode} without the UNet's encoder/decoder parts cannot apply "
+                           "ControlNets (executors.control.ControlDenoiser does)")
+
+
 class ConcatDenoiser:
     """Requests at the same latent size share one call; each distinct size is its own call."""
 
@@ -46,7 +52,9 @@ class ConcatDenoiser:
     def __init__(self, call: DenoiseCall):
         self.call = call
 
-    def run(self, items: list[Inputs], adapters: list | None = None) -> tuple[list[np.ndarray], CallStats]:
+    def run(self, items: list[Inputs], adapters: list | None = None,
+            controls: list | None = None) -> tuple[list[np.ndarray], CallStats]:
+        no_controlnets(controls, "concat")
         groups: dict[tuple, list[int]] = {}
         for i, it in enumerate(items):
             key = it["sample"].shape[1:] + it["encoder_hidden_states"].shape[1:]
@@ -159,7 +167,9 @@ class PatchDenoiser:
     def __init__(self, model, family: Family, multiple: int, patch_size: int = 0):
         self.model, self.family, self.multiple, self.patch_size = model, family, multiple, patch_size
 
-    def run(self, items: list[Inputs], adapters: list | None = None) -> tuple[list[np.ndarray], CallStats]:
+    def run(self, items: list[Inputs], adapters: list | None = None,
+            controls: list | None = None) -> tuple[list[np.ndarray], CallStats]:
+        no_controlnets(controls, "patches")
         if adapters is not None and any(adapters):
             raise RuntimeError("adapters: exact patches cannot apply LoRA yet (needs denoise_mode concat)")
         import torch
@@ -209,7 +219,9 @@ class TiledDenoiser:
             raise ValueError(f"tile_overlap: must be in [0, tile_size); allowed [0, {tile}), got {overlap}")
         self.call, self.tile, self.overlap = call, tile, overlap
 
-    def run(self, items: list[Inputs], adapters: list | None = None) -> tuple[list[np.ndarray], CallStats]:
+    def run(self, items: list[Inputs], adapters: list | None = None,
+            controls: list | None = None) -> tuple[list[np.ndarray], CallStats]:
+        no_controlnets(controls, "tiled")
         if adapters is not None and any(adapters):
             raise RuntimeError("adapters: tiles cannot apply LoRA yet (needs denoise_mode concat)")
         T = self.tile

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ..config import EngineConfig
-from ..options import DenoiseMode, Family, Runtime
+from ..options import DenoiseMode, Executor, Family, Runtime
 from ..spec import PipelineSpec
 from .base import Components
 from .denoise import ConcatDenoiser, PatchDenoiser, RowParallel, TiledDenoiser, torch_call
+
+log = logging.getLogger(__name__)
 
 
 def load_torch_denoiser(spec: PipelineSpec, repo: str | Path):
@@ -19,7 +22,21 @@ def load_torch_denoiser(spec: PipelineSpec, repo: str | Path):
     return cls.from_pretrained(path).eval()
 
 
+def serves_controlnets(config: EngineConfig, spec: PipelineSpec) -> bool:
+    """ControlNets run in-process over the exported encoder/decoder parts: local executor, ORT, concat."""
+    return bool(spec.controlnets) and config.executor is Executor.LOCAL and config.denoiser_runtime is Runtime.ORT \
+        and config.denoise_mode is DenoiseMode.CONCAT and not config.lora_dir
+
+
 def make_denoiser(config: EngineConfig, spec: PipelineSpec, repo: str | Path, components: Components):
+    if serves_controlnets(config, spec):
+        from .control import ControlDenoiser
+        from .ort import OrtModel
+
+        whole = RowParallel(components.denoise) if config.cfg_parallel else components.denoise
+        parts = (OrtModel(Path(repo) / name / "1" / "model.onnx", config.intra_op_threads)
+                 for name in (spec.denoiser_encoder, spec.denoiser_decoder))
+        return ControlDenoiser(whole, *parts, spec.down_residuals, bool(config.control_parallel), config.control_mode)
     if config.denoiser_runtime is Runtime.ORT:
         call = RowParallel(components.denoise) if config.cfg_parallel else components.denoise
         if config.lora_dir:  # merged sessions per adapter set, in-process; rows without adapters as before
@@ -34,6 +51,29 @@ def make_denoiser(config: EngineConfig, spec: PipelineSpec, repo: str | Path, co
     if config.denoise_mode is DenoiseMode.TILED:
         return TiledDenoiser(call, config.tile_size, config.tile_overlap)
     return ConcatDenoiser(call)
+
+
+def make_addons(config: EngineConfig, spec: PipelineSpec, repo: str | Path):
+    """The engine's add-ons: LoRA adapters (make_adapters), and with them the ControlNet service when the
+    repository holds ControlNets for this pipeline and the engine can run them (serves_controlnets)."""
+    adapters = make_adapters(config)
+    if not serves_controlnets(config, spec):
+        if spec.controlnets:
+            log.warning("[tessera] ControlNets %s not served by this engine: they need executor=local, "
+                        "denoiser_runtime=ort, denoise_mode=concat and no lora_dir", ", ".join(spec.controlnets))
+        return adapters
+    from ..controlnet import ControlNets, WithControlNets
+    from ..lora_cache import LoraCache, LoraLoader
+    from .ort import OrtModel
+
+    def resolve(model: str) -> Path:
+        return Path(repo) / model / "1" / "model.onnx"
+
+    def load(path: Path):
+        return OrtModel(path, config.intra_op_threads), path.stat().st_size
+
+    cache = LoraCache(config.controlnet_cache_mb << 20, max_entries=config.controlnet_cache)
+    return WithControlNets(adapters, ControlNets(frozenset(spec.controlnets), LoraLoader(cache, resolve, load)))
 
 
 def make_adapters(config: EngineConfig):

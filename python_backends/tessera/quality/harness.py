@@ -103,8 +103,10 @@ def serve_reference(models_dir: Path, work: Path, settings, log_path: Path | Non
 
 
 def generate_served(server, model: str, jobs, steps: int, concurrency: int = 8, progress=None,
-                    early_exit: bool | None = None, with_steps: bool = False):
-    """Images [N, H, W, 3] for the jobs through the server (and, with_steps, the steps each ran [N])."""
+                    early_exit: bool | None = None, with_steps: bool = False, extra=None, prompts=None):
+    """Images [N, H, W, 3] for the jobs through the server (and, with_steps, the steps each ran [N]).
+    `extra(i)`: more request_arrays keywords for job i (ControlNet inputs); `prompts`: one per job instead
+    of the job label's caption."""
     from tessera.client import infer, make_client, request_arrays
 
     out: list[np.ndarray | None] = [None] * len(jobs)
@@ -130,7 +132,8 @@ def generate_served(server, model: str, jobs, steps: int, concurrency: int = 8, 
                     break
                 i = todo.pop(0)
             lb, seed, (h, w) = jobs[i]
-            arrays = request_arrays(lb.caption, h, w, steps, GUIDANCE, seed, early_exit=early_exit)
+            arrays = request_arrays(lb.caption if prompts is None else prompts[i], h, w, steps, GUIDANCE, seed,
+                                    early_exit=early_exit, **(extra(i) if extra is not None else {}))
             img, n = infer(client, "grpc", arrays, model=model)
             out[i], ran[i] = img[0], n[0]
             if progress:

@@ -18,7 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from ..config import EngineConfig
 from ..cost import CostModel
 from ..engine import Engine
 from ..errors import CancelledError, ExecutorError, OverloadedError, RefusedError, ShutdownError
-from ..executors.factory import make_adapters, make_denoiser
+from ..executors.factory import make_addons, make_denoiser, serves_controlnets
 from ..faults import inject
 from ..fanin import Answer, FanIn
 from ..generation import Txt2Img
@@ -109,8 +109,10 @@ class TritonPythonModel:
                              config.round_steps, config.deadline_margin, config.early_refusal)
         self.engine = Engine(pipeline, denoiser, policy, cost=self.cost, slo_scale=config.slo_scale,
                              exit_rule=config.exit_rule(), early_exit=bool(config.early_exit),
-                             adapters=make_adapters(config))
-        self.metrics = EngineMetrics(self.name, self.engine, self.cost, pending=lambda: self.loop.pending)
+                             adapters=make_addons(config, self.spec, repo))
+        self._controlnets = frozenset(self.spec.controlnets) if serves_controlnets(config, self.spec) else frozenset()
+        self.metrics = EngineMetrics(self.name, self.engine, self.cost, pending=lambda: self.loop.pending,
+                                     controls=self._control_counters if self._controlnets else None)
         self.fanin = FanIn()
         self.warm = False
         if config.executor is Executor.LOCAL:  # no BLS involved: warm up now, before the model is ready
@@ -118,6 +120,11 @@ class TritonPythonModel:
         self.loop = EngineLoop(self.engine, self._sink, self._is_cancelled, max_in_flight=config.max_in_flight,
                                early_refusal=bool(config.early_refusal), on_dead=self._on_dead).start()
         log.info("[tessera] loaded %s: family=%s %s", self.name, self.spec.family, config)
+
+    def _control_counters(self):
+        """The ControlNet service's counters with the executor's calls and decoder wait."""
+        calls, wait_s = self.denoiser.counters()
+        return replace(self.engine.adapters.controls.counters(), calls=calls, decoder_wait_s=wait_s)
 
     def _warm_up(self) -> None:
         """Warm every component and profile the cost model, once, before any request is admitted (its
@@ -160,7 +167,8 @@ class TritonPythonModel:
         client = _Client(request, sender, request.request_id() or "")
         try:
             tensors = {n: input_or_none(request, n) for n in ENTRY_INPUT_NAMES}
-            items = parse_request(tensors, self.spec.limits, self.pipeline.count_tokens, self.engine.adapters.names())
+            items = parse_request(tensors, self.spec.limits, self.pipeline.count_tokens, self.engine.adapters.names(),
+                                  self._controlnets)
             flags = {n: input_or_none(request, n) for n in STREAM_INPUTS}
             progress, preview = (bool(flags[n] is not None and flags[n].any()) for n in ("progress", "preview"))
         except Exception as e:  # noqa: BLE001 - answered per request

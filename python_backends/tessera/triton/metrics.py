@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import triton_python_backend_utils as pb_utils
 
 from ..adapters import AdapterCounters
+from ..controlnet import ControlCounters
 from ..cost import CostModel
 from ..engine import Engine
 from ..plan import RequestOutput
@@ -36,6 +37,8 @@ class _Update:
     outcome: str | None = None  # a request answered outside the engine (invalid, rejected, refused)
     adapters: tuple[tuple[str, float], ...] = ()  # (AdapterCounters field, increment) since the last update
     cache: tuple[int, int] | None = None  # the adapter cache's bytes and entries now
+    controls: tuple[tuple[str, float], ...] = ()  # (ControlCounters field, increment) since the last update
+    resident: tuple[int, int] | None = None  # resident ControlNets' count and bytes now
 
 
 ADAPTER_COUNTERS = {  # AdapterCounters field -> (counter, description)
@@ -52,6 +55,18 @@ ADAPTER_COUNTERS = {  # AdapterCounters field -> (counter, description)
     "wait_steps": ("tessera_lora_wait_steps_total", "Request-steps sat out at K waiting for adapters still loading"),
     "requests_waited": ("tessera_lora_requests_waited_total", "Requests that waited at K at least once"),
 }
+CONTROL_COUNTERS = {  # ControlCounters field -> (counter, description)
+    "calls": ("tessera_controlnet_calls_total", "ControlNet calls (one per ControlNet per latent size per step)"),
+    "loads": ("tessera_controlnet_loads_total", "ControlNets loaded into the service (on demand)"),
+    "load_failures": ("tessera_controlnet_load_failures_total", "ControlNet loads that failed"),
+    "load_s": ("tessera_controlnet_load_seconds_total", "Seconds spent loading ControlNets (off the step loop)"),
+    "cache_hits": ("tessera_controlnet_cache_hits_total", "Admitted requests' ControlNets found resident"),
+    "cache_misses": ("tessera_controlnet_cache_misses_total", "Admitted requests' ControlNets not resident"),
+    "evictions": ("tessera_controlnet_evictions_total", "ControlNets evicted from the service (LRU)"),
+    "wait_steps": ("tessera_controlnet_wait_steps_total", "Request-steps sat out waiting for a ControlNet load"),
+    "decoder_wait_s": ("tessera_controlnet_decoder_wait_seconds_total",
+                       "Seconds the UNet decoder waited for ControlNet residuals after its encoder finished"),
+}
 OUTCOMES = ("completed", "degraded", "dropped", "cancelled", "error", "invalid", "rejected", "refused")
 STEPS_BUCKETS = [1, 2, 4, 8, 10, 15, 20, 25, 30, 40, 50, 75, 100, 150, 200]
 # seconds from arrival to answer: tiny CPU models answer in tens of ms, a drop can come at once, and a
@@ -60,8 +75,11 @@ DURATION_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60
 
 
 class EngineMetrics:
-    def __init__(self, model: str, engine: Engine, cost: CostModel, pending: Callable[[], int]):
+    def __init__(self, model: str, engine: Engine, cost: CostModel, pending: Callable[[], int],
+                 controls: Callable[[], ControlCounters] | None = None):
+        """`controls`: the ControlNet service's counters (None: the engine serves no ControlNet)."""
         self.engine, self.cost, self.pending = engine, cost, pending  # pending: read when applied (never stale)
+        self.controls = controls
         self.labels = {"model": model}
         self.families: dict[str, pb_utils.MetricFamily] = {}  # families must outlive their metrics
         counter, gauge = self._counter, self._gauge
@@ -105,6 +123,13 @@ class EngineMetrics:
         self.cache_bytes = gauge("tessera_lora_cache_bytes", "LoRA adapters held in memory, bytes")
         self.cache_entries = gauge("tessera_lora_cache_entries", "LoRA adapters held in memory")
         self._adapters_seen = AdapterCounters()
+        # ControlNets (issue 15): ControlCounters field -> counter; the service's residents now as gauges
+        self.control_counters = {f: counter(name, desc) for f, (name, desc) in CONTROL_COUNTERS.items()} \
+            if controls is not None else {}
+        if controls is not None:
+            self.resident = gauge("tessera_controlnet_resident", "ControlNets resident in the service")
+            self.resident_bytes = gauge("tessera_controlnet_resident_bytes", "Bytes of resident ControlNets")
+        self._controls_seen = ControlCounters()
         self._seen_step = 0
         self._updates: queue.SimpleQueue[_Update | None] = queue.SimpleQueue()
         self._worker = threading.Thread(target=self._apply_updates, name="tessera-metrics", daemon=True)
@@ -150,9 +175,15 @@ class EngineMetrics:
         adapters = self.engine.adapters.counters()
         adapter_deltas = tuple((f, getattr(adapters, f) - getattr(self._adapters_seen, f)) for f in ADAPTER_COUNTERS)
         self._adapters_seen = adapters
+        control_deltas, resident = (), None
+        if self.controls is not None:
+            controls = self.controls()
+            control_deltas = tuple((f, getattr(controls, f) - getattr(self._controls_seen, f)) for f in CONTROL_COUNTERS)
+            self._controls_seen, resident = controls, (controls.resident, controls.resident_bytes)
         terms = self.cost.terms() if fresh else None  # gauges move only with steps
         self._updates.put(_Update(totals, terms, self.cost.predictor.mape if fresh else None, gaps, final,
-                                  adapters=adapter_deltas, cache=(adapters.cache_bytes, adapters.cache_entries)))
+                                  adapters=adapter_deltas, cache=(adapters.cache_bytes, adapters.cache_entries),
+                                  controls=control_deltas, resident=resident))
 
     def in_flight_changed(self) -> None:
         """From the execute thread: only the in-flight gauge (the step records belong to the loop thread)."""
@@ -177,6 +208,12 @@ class EngineMetrics:
         for field, n in u.adapters:
             if n:
                 self.adapter_counters[field].increment(n)
+        for field, n in u.controls:
+            if n:
+                self.control_counters[field].increment(n)
+        if u.resident is not None:
+            self.resident.set(u.resident[0])
+            self.resident_bytes.set(u.resident[1])
         if u.cache is not None:
             self.cache_bytes.set(u.cache[0])
             self.cache_entries.set(u.cache[1])

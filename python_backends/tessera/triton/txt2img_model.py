@@ -52,7 +52,8 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 tensors = {n: input_or_none(request, n) for n in ENTRY_INPUT_NAMES}
-                parse_request(tensors, self.limits, self._count_tokens, adapters=None)  # names: the engine's
+                parse_request(tensors, self.limits, self._count_tokens, adapters=None,
+                              controlnets=None)  # names: the engine's
             except Exception as e:  # noqa: BLE001 - answered per request
                 sender.send(error_response(e), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
