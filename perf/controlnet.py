@@ -8,7 +8,8 @@ reference ControlNets, one run:
    parts, in-process, at the request's shape), Amdahl-style: the rest of a request (text encoder, decode,
    serving) is the no-ControlNet latency minus its denoiser time; per step, serial = encoder + sum of
    ControlNets + decoder, parallel on 2 cores = max(encoder, sum of ControlNets) + decoder, async =
-   max(encoder + decoder, sum of ControlNets); CFG: two one-row calls at once = one one-row call.
+   max(encoder + decoder, sum of ControlNets); CFG: two one-row calls at once = one one-row call
+   (`cfg_parallel=on` splits every call, `auto` only calls of at most 2 rows: a lone latent).
 3. Throughput at saturation: a closed loop of `--concurrency` clients per setting (requests batched
    into shared steps), images/s, so what parallelism costs per instance shows once the cores are full.
 
@@ -39,6 +40,7 @@ VARIANTS = {
     "cn2_parallel": ("txt2img", ("silhouette", "box")),
     "cn2_async": ("txt2img_async", ("silhouette", "box")),
     "cfg_two_halves": ("txt2img_cfg2", ()),
+    "cfg_auto": ("txt2img_cfgauto", ()),
 }
 
 
@@ -121,8 +123,9 @@ def ideals(comp: dict[str, float], lone: dict[str, float], steps: int) -> dict[s
                                          "ideal": serial / (other + steps * max(enc + dec, cn[k]))}
         out[f"cn{k}_serial_vs_cn0"] = {"measured": lone[f"cn{k}_serial"] / lone["cn0"],
                                        "predicted": serial / (other + steps * comp["unet"])}
-    out["cfg_two_halves_vs_one_call"] = {"measured": lone["cn0"] / lone["cfg_two_halves"],
-                                         "ideal": (other + steps * comp["unet"]) / (other + steps * comp["unet_one_row"])}
+    cfg_ideal = (other + steps * comp["unet"]) / (other + steps * comp["unet_one_row"])
+    out["cfg_two_halves_vs_one_call"] = {"measured": lone["cn0"] / lone["cfg_two_halves"], "ideal": cfg_ideal}
+    out["cfg_auto_vs_one_call"] = {"measured": lone["cn0"] / lone["cfg_auto"], "ideal": cfg_ideal}
     for v in out.values():
         v.update({k: round(x, 3) for k, x in v.items()})
         if "ideal" in v:
@@ -151,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     add_engine(repo, "engine", "engine_serial", entry="txt2img_serial", control_parallel="off")
     add_engine(repo, "engine", "engine_async", entry="txt2img_async", control_mode="async")
     add_engine(repo, "engine", "engine_cfg2", entry="txt2img_cfg2", cfg_parallel="on")
+    add_engine(repo, "engine", "engine_cfgauto", entry="txt2img_cfgauto", cfg_parallel="auto")
     comp = component_ms(repo, args.size, args.component_calls)
     print(f"[tessera] controlnet: component ms at {args.size}px, 2 rows: {comp}", flush=True)
     lone_ms: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -187,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         "cn1_async_vs_serial": round(tput["cn1_async"] / tput["cn1_serial"], 3),
         "cn2_async_vs_serial": round(tput["cn2_async"] / tput["cn2_serial"], 3),
         "cfg_two_halves_vs_one_call": round(tput["cfg_two_halves"] / tput["cn0"], 3),
+        "cfg_auto_vs_one_call": round(tput["cfg_auto"] / tput["cn0"], 3),
     }
     result = {"component_ms": comp, "lone_median_ms": lone, "lone_ms": lone_ms, "lone_ratios": ratios,
               "throughput": throughput, "throughput_ratios": saturation}
@@ -205,7 +210,7 @@ def _plot(lone: dict, ratios: dict, saturation: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    a.bar(list(lone), list(lone.values()), color=["#888", "#c84", "#4a4", "#48c", "#c84", "#4a4", "#48c", "#a4a"])
+    a.bar(list(lone), list(lone.values()), color=["#888", "#c84", "#4a4", "#48c", "#c84", "#4a4", "#48c", "#a4a", "#a4a"])
     a.set_ylabel("lone request, median ms")
     a.tick_params(axis="x", rotation=45)
     keys = [k for k in ratios if "ideal" in ratios[k]]

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .errors import TesseraError
-from .options import ControlMode, DenoiseMode, EarlyRefusal, Executor, OnHopeless, PolicyName, Runtime, Switch
+from .options import CfgParallel, ControlMode, DenoiseMode, EarlyRefusal, Executor, OnHopeless, PolicyName, Runtime, Switch
 
 
 def _cmd_build_tiny(a: argparse.Namespace) -> int:
@@ -257,9 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runtime of the engine's denoiser calls (patches needs torch)")
     e.add_argument("--denoise-mode", choices=[m.value for m in DenoiseMode], default=DenoiseMode.CONCAT.value,
                    help="per-step batching: per resolution, exact patches (torch), or fixed tiles")
-    e.add_argument("--cfg-parallel", choices=[m.value for m in Switch], default=Switch.OFF.value,
+    e.add_argument("--cfg-parallel", choices=[m.value for m in CfgParallel], default=CfgParallel.OFF.value,
                    help="local executor, ORT: each denoiser call's rows as two halves at once (CFG halves in "
-                        "parallel; perf/results/cfg_parallel.json)")
+                        "parallel; perf/results/cfg_parallel.json); auto: only calls of at most 2 rows (a lone "
+                        "latent) (default: %(default)s)")
     e.add_argument("--controlnet", action="append", default=[], metavar="NAME=DIR",
                    help="serve a diffusers ControlNetModel as NAME (repeatable; the shared model controlnet_NAME, and "
                         "the UNet also as encoder + decoder parts; UNet pipelines, --target cpu)")

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from .errors import ConfigError
-from .options import (ControlMode, DenoiseMode, EarlyRefusal, Executor, LastStep, LoraBatching, OnHopeless, Option, PolicyName,
+from .options import (CfgParallel, ControlMode, DenoiseMode, EarlyRefusal, Executor, LastStep, LoraBatching, OnHopeless, Option, PolicyName,
                       Runtime, Switch)
 
-OPTIONS: dict[str, type[Option]] = {c.__name__: c for c in (ControlMode, DenoiseMode, EarlyRefusal, Executor, LastStep, LoraBatching,
+OPTIONS: dict[str, type[Option]] = {c.__name__: c for c in (CfgParallel, ControlMode, DenoiseMode, EarlyRefusal, Executor, LastStep, LoraBatching,
                                                             OnHopeless, PolicyName, Runtime, Switch)}
 
 
@@ -76,9 +76,11 @@ class EngineConfig:
     before the first step, i.e. synchronous) unless the adapter has a profile (`<name>.profile.json`)."""
     lora_load_delay_ms: int = 0
     """Testing and benchmarks: added to every adapter load (emulates remote storage)."""
-    cfg_parallel: Switch = Switch.OFF
+    cfg_parallel: CfgParallel = CfgParallel.OFF
     """on: a denoiser call of 2 or more rows runs as two halves at once on two threads of the engine's process
-    (a lone request's CFG halves in parallel: latent parallelism); needs executor=local, denoiser_runtime=ort."""
+    (a lone request's CFG halves in parallel: latent parallelism); auto: only calls of at most 2 rows (one CFG
+    latent alone in its call, when the other core would idle; batched steps run whole); needs executor=local,
+    denoiser_runtime=ort."""
     lora_batching: LoraBatching = LoraBatching.MIXED
     """mixed: requests with different adapter sets, and none, share each step; one_set: a step runs one adapter
     set (the most urgent request's), the others sit it out, as in servers that hold one adapter per batch."""
@@ -116,7 +118,7 @@ class EngineConfig:
                               f"or ort, got denoiser_runtime={self.denoiser_runtime.value!r}, "
                               f"denoise_mode={self.denoise_mode.value!r}")
         if self.cfg_parallel and (self.executor is not Executor.LOCAL or self.denoiser_runtime is not Runtime.ORT):
-            raise ConfigError("cfg_parallel: 'on' splits in-process ONNX Runtime calls; allowed with executor=local "
+            raise ConfigError("cfg_parallel: 'on' and 'auto' split in-process ONNX Runtime calls; allowed with executor=local "
                               f"and denoiser_runtime=ort, got executor={self.executor.value!r}, "
                               f"denoiser_runtime={self.denoiser_runtime.value!r}")
         if self.lora_cache_mb < 0 or self.lora_k < 0 or self.lora_load_delay_ms < 0:

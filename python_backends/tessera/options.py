@@ -85,6 +85,15 @@ class LoraBatching(Option):
     ONE_SET = "one_set"  # one adapter set per step, as servers that merge adapters do (a baseline)
 
 
+class CfgParallel(Option):
+    OFF = "off"
+    ON = "on"  # every denoiser call of 2+ rows as two halves at once
+    AUTO = "auto"  # only calls of at most 2 rows (a lone CFG latent, which leaves a core idle)
+
+    def __bool__(self) -> bool:
+        return self is not CfgParallel.OFF
+
+
 class ControlMode(Option):
     SYNC = "sync"  # every step's residuals from this step's ControlNet calls (exact)
     ASYNC = "async"  # the decoder takes the previous step's residuals; ControlNets run beside the whole UNet

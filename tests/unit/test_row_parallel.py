@@ -56,6 +56,23 @@ def test_row_parallel_on_the_exported_unet_equals_one_call(tiny_pipelines, tmp_p
         assert np.abs(split - whole).max() <= 1e-5 * max(1.0, np.abs(whole).max())
 
 
+def test_row_parallel_auto_splits_only_small_calls():
+    calls = []
+
+    def call(inputs):
+        calls.append(inputs["sample"].shape[0])
+        return inputs["sample"] * 2
+
+    par = RowParallel(call, max_rows=2)
+    for n in (2, 4):
+        x = {"sample": np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1)}
+        assert np.array_equal(par(x), x["sample"] * 2)
+    assert sorted(calls) == [1, 1, 4]  # 2 rows: two halves; 4 rows (a batched step): one call
+    from tessera.options import CfgParallel
+
+    assert EngineConfig(executor="local", cfg_parallel="auto").cfg_parallel is CfgParallel.AUTO
+
+
 def test_cfg_parallel_needs_the_local_ort_executor():
     assert EngineConfig(executor="local", cfg_parallel="on").cfg_parallel
     for kw in ({"executor": "bls"}, {"executor": "local", "denoiser_runtime": "torch"}):

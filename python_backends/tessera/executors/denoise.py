@@ -80,17 +80,18 @@ class RowParallel:
     compute (ONNX Runtime, one intra-op thread each): rows are independent, so the output equals one call's
     up to the kernels' batch-size-dependent rounding."""
 
-    def __init__(self, call: Callable[[Inputs], np.ndarray], degree: int = 2):
+    def __init__(self, call: Callable[[Inputs], np.ndarray], degree: int = 2, max_rows: int | None = None):
+        """`max_rows`: split only calls of at most this many rows (None: every call of 2+ rows)."""
         from concurrent.futures import ThreadPoolExecutor
 
         if degree < 2:
             raise ValueError(f"cfg_parallel: degree allowed >= 2, got {degree}")
-        self.call, self.degree = call, degree
+        self.call, self.degree, self.max_rows = call, degree, max_rows
         self._pool = ThreadPoolExecutor(max_workers=degree - 1, thread_name_prefix="tessera-rows")
 
     def __call__(self, inputs: Inputs) -> np.ndarray:
         n = inputs["sample"].shape[0]
-        if n < 2:
+        if n < 2 or self.max_rows is not None and n > self.max_rows:
             return self.call(inputs)
         cuts = np.linspace(0, n, min(self.degree, n) + 1).round().astype(int)
         parts = [{k: v[a:b] for k, v in inputs.items()} for a, b in zip(cuts[:-1], cuts[1:], strict=True)]

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from ..config import EngineConfig
-from ..options import DenoiseMode, Executor, Family, Runtime
+from ..options import CfgParallel, DenoiseMode, Executor, Family, Runtime
 from ..spec import PipelineSpec
 from .base import Components
 from .denoise import ConcatDenoiser, PatchDenoiser, RowParallel, TiledDenoiser, torch_call
@@ -28,17 +28,24 @@ def serves_controlnets(config: EngineConfig, spec: PipelineSpec) -> bool:
         and config.denoise_mode is DenoiseMode.CONCAT and not config.lora_dir
 
 
+def row_parallel(config: EngineConfig, call):
+    """cfg_parallel: the call as two halves at once (on), only for lone CFG latents (auto), or as it is."""
+    if not config.cfg_parallel:
+        return call
+    return RowParallel(call, max_rows=2 if config.cfg_parallel is CfgParallel.AUTO else None)
+
+
 def make_denoiser(config: EngineConfig, spec: PipelineSpec, repo: str | Path, components: Components):
     if serves_controlnets(config, spec):
         from .control import ControlDenoiser
         from .ort import OrtModel
 
-        whole = RowParallel(components.denoise) if config.cfg_parallel else components.denoise
+        whole = row_parallel(config, components.denoise)
         parts = (OrtModel(Path(repo) / name / "1" / "model.onnx", config.intra_op_threads)
                  for name in (spec.denoiser_encoder, spec.denoiser_decoder))
         return ControlDenoiser(whole, *parts, spec.down_residuals, bool(config.control_parallel), config.control_mode)
     if config.denoiser_runtime is Runtime.ORT:
-        call = RowParallel(components.denoise) if config.cfg_parallel else components.denoise
+        call = row_parallel(config, components.denoise)
         if config.lora_dir:  # merged sessions per adapter set, in-process; rows without adapters as before
             from .lora_ort import OrtLora
 
