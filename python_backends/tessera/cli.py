@@ -83,14 +83,20 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
+    import numpy as np
     from PIL import Image
 
     from .client import infer, make_client, request_arrays
 
     client = make_client(a.protocol, a.url)
     early_exit = {"on": True, "off": False, "server": None}[a.early_exit]
+    control = None
+    if a.control_image:  # one PNG per ControlNet, stacked along channels (RGB each)
+        maps = [np.asarray(Image.open(p).convert("RGB"), np.uint8) for p in a.control_image]
+        control = np.concatenate(maps, axis=2)
     arrays = request_arrays(
-        a.prompt, a.height, a.width, a.steps, a.guidance_scale, a.seed, a.negative_prompt, a.slo_ms, early_exit
+        a.prompt, a.height, a.width, a.steps, a.guidance_scale, a.seed, a.negative_prompt, a.slo_ms, early_exit,
+        lora=a.lora, controlnet=a.controlnet, control_image=control, control_scale=a.control_scale,
     )
     t0 = time.perf_counter()
     image, ran = infer(client, a.protocol, arrays, model=a.model)
@@ -312,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--slo-ms", type=int, default=None,
                    help="deadline after arrival (none: the engine's slo_scale x profiled latency)")
     g.add_argument("--out", default="image.png", help="PNG file to write")
+    g.add_argument("--lora", default=None, help="LoRA adapters, 'name[:scale]' comma-separated (none: not sent)")
+    g.add_argument("--controlnet", default=None, help="ControlNet names, comma-separated (none: not sent)")
+    g.add_argument("--control-image", action="append", default=[], metavar="PNG",
+                   help="the condition map at the image's size, one per ControlNet (repeat the flag)")
+    g.add_argument("--control-scale", type=float, action="append", default=None,
+                   help="ControlNet scale in [0, 2], one for all or one per ControlNet (repeat the flag; none: 1)")
     g.add_argument("--early-exit", default="server", choices=("server", "on", "off"),
                    help="entropy early exit for this request (server: the engine's default)")
     g.set_defaults(fn=_cmd_generate)
