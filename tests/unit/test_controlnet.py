@@ -260,3 +260,45 @@ def test_control_denoiser_async_uses_the_previous_steps_residuals(tiny_control):
                     down_block_additional_residuals=d, mid_block_additional_residual=m).sample.numpy()
     assert np.abs(second - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
     assert len(state.residuals) == n_down + 1
+
+
+# -- export ----------------------------------------------------------------------------------------------
+def test_one_controlnet_model_serves_pipelines_of_several_prefixes(tiny_pipelines, tiny_control, tmp_path):
+    import json
+
+    from tessera.spec import PipelineSpec
+    from tessera_export.repository import export_pipeline
+
+    _, nets, _, n_down = tiny_control
+    nets["a"].save_pretrained(tmp_path / "edges")
+    repo = tmp_path / "repo"
+    for prefix in ("one_", "two_"):
+        export_pipeline(tiny_pipelines["unet"], repo, prefix=prefix, progress=lambda *_: None,
+                        controlnets={"edges": tmp_path / "edges"})
+    models = sorted(p.name for p in repo.iterdir())
+    assert [m for m in models if "controlnet" in m] == ["controlnet_edges"]  # shared, not prefixed
+    for prefix in ("one_", "two_"):
+        spec = PipelineSpec.load(repo / f"{prefix}engine" / "1" / "manifest.json")
+        assert spec.controlnets == ("edges",) and spec.down_residuals == n_down
+        assert (spec.denoiser_encoder, spec.denoiser_decoder) == (f"{prefix}denoiser_encoder", f"{prefix}denoiser_decoder")
+    manifest = json.loads((repo / "controlnet_edges" / "1" / "manifest.json").read_text())
+    assert manifest["component"] == "controlnet_edges" and manifest["max_abs_diff_vs_torch"] <= 1e-3
+    config = (repo / "controlnet_edges" / "config.pbtxt").read_text()
+    assert "instance_group" in config and 'name: "controlnet_cond"' in config
+
+
+def test_export_refuses_a_controlnet_of_another_unet(tiny_pipelines, tmp_path):
+    from diffusers import ControlNetModel
+
+    from tessera.errors import ExportError
+    from tessera_export.repository import export_pipeline
+
+    ControlNetModel(block_out_channels=(8, 8), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                    cross_attention_dim=16, layers_per_block=1, norm_num_groups=8, attention_head_dim=2,
+                    conditioning_embedding_out_channels=(8, 8)).save_pretrained(tmp_path / "other")
+    with pytest.raises(ExportError, match="does not fit this UNet"):
+        export_pipeline(tiny_pipelines["unet"], tmp_path / "repo", progress=lambda *_: None,
+                        controlnets={"other": tmp_path / "other"})
+    with pytest.raises(ExportError, match="controlnet: name allowed"):
+        export_pipeline(tiny_pipelines["unet"], tmp_path / "repo", progress=lambda *_: None,
+                        controlnets={"Bad Name": tmp_path / "other"})
