@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .errors import RequestFailedError
 from .lora_cache import LoraLoader
 from .request import RequestState
@@ -33,6 +35,7 @@ class ControlState:
     over the request's ControlNets, scaled; one array per skip, then mid; rows = its CFG halves)."""
 
     residuals: list[np.ndarray] | None = None
+    conditions: tuple[np.ndarray, ...] | None = None  # the request's maps as ControlNet conditions
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -126,7 +129,9 @@ class ControlNets:
             elif all(self.loader.ready(m) for m in models):
                 nets = tuple((self.loader.get(m), scale) for m, scale in zip(models, spec.scales, strict=True))
                 state = self._states.setdefault(s.request_id, ControlState())
-                calls.append(ControlCall(nets, tuple(spec.condition(k) for k in range(len(models))), state))
+                if state.conditions is None:  # prepared once per request
+                    state.conditions = tuple(spec.condition(k) for k in range(len(models)))
+                calls.append(ControlCall(nets, state.conditions, state))
                 step.append(s)
             else:
                 wait.append(s)
