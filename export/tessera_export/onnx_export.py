@@ -223,6 +223,12 @@ def split_unet_components(unet, seq: int, latent_hw: tuple[tuple[int, int], tupl
                           controlnets: dict[str, torch.nn.Module], vae_factor: int) -> list[ComponentExport]:
     """The UNet as an encoder part and a decoder part, and each ControlNet (issue 15), with example shapes at
     two latent sizes. Residual i has its own spatial axes (each level halves the latent)."""
+    unsupported = {k: unet.config.get(k) for k in ("center_input_sample", "class_embed_type", "addition_embed_type",
+                                                    "time_cond_proj_dim", "encoder_hid_dim_type")
+                   if unet.config.get(k)}
+    if unsupported:
+        raise ExportError(f"controlnet: the UNet encoder/decoder split covers plain text-conditioned UNets; this one "
+                          f"sets {unsupported}")
     n = down_residuals(unet)
     (h1, w1), (h2, w2) = latent_hw
     c, d = unet.config.in_channels, unet.config.cross_attention_dim
@@ -235,6 +241,7 @@ def split_unet_components(unet, seq: int, latent_hw: tuple[tuple[int, int], tupl
     res_axes["mid"] = {0: "batch", 2: "height_mid", 3: "width_mid"}
     comps = [ComponentExport("denoiser_encoder", _UNetEncoder(unet), tuple(base[0]), ("emb", "mid", *downs),
                              axes | res_axes | {"emb": {0: "batch"}}, tuple(base))]
+    _check_split(unet, base)
     # the decoder's examples: what the encoder gives for the two example inputs
     enc = _UNetEncoder(unet).eval()
     dec_ex = []
@@ -255,6 +262,22 @@ def split_unet_components(unet, seq: int, latent_hw: tuple[tuple[int, int], tupl
         comps.append(ComponentExport(f"controlnet_{name}", _ControlNet(net), (*base[0], "controlnet_cond"),
                                      (*downs, "mid"), axes | res_axes | {"controlnet_cond": {0: "batch", 2: "cond_height", 3: "cond_width"}}, ex))
     return comps
+
+
+def _check_split(unet, examples: list[dict], tolerance: float = 1e-4) -> None:
+    """decoder(encoder(x)) must be the whole UNet's forward (in torch, before any export)."""
+    enc, dec = _UNetEncoder(unet).eval(), _UNetDecoder(unet).eval()
+    for seed, ex in enumerate(examples):
+        feed = {k: torch.from_numpy(v) for k, v in _rand_inputs(ex, seed).items()}
+        args = (feed["sample"], feed["timestep"], feed["encoder_hidden_states"])
+        with torch.no_grad():
+            emb, mid, *down = enc(*args)
+            got = dec(emb, mid, feed["encoder_hidden_states"], *down)
+            want = unet(*args[:2], encoder_hidden_states=args[2], return_dict=False)[0]
+        diff = float((got - want).abs().max())
+        if not diff <= tolerance * max(1.0, float(want.abs().max())):
+            raise ExportError(f"controlnet: the UNet's encoder + decoder parts differ from its forward by {diff:.3e}; "
+                              f"allowed {tolerance:.0e} (relative)")
 
 
 def export_component(comp: ComponentExport, path: Path, tolerance: float = 1e-3, progress=print) -> float:

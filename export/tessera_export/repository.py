@@ -265,7 +265,7 @@ _CONTROLNET_MATCH = ("in_channels", "block_out_channels", "down_block_types", "l
                      "cross_attention_dim", "attention_head_dim", "norm_num_groups", "conv_in_kernel")
 
 
-def _load_controlnets(pipe, family: Family, dirs: dict[str, str | Path], target: str) -> dict:
+def _load_controlnets(pipe, family: Family, dirs: dict[str, str | Path], target: str, repo: Path) -> dict:
     """Each ControlNet (fp32), checked against the UNet whose encoder it mirrors."""
     if not dirs:
         return {}
@@ -289,8 +289,32 @@ def _load_controlnets(pipe, family: Family, dirs: dict[str, str | Path], target:
             if key in net.config and list(np.atleast_1d(ours)) != list(np.atleast_1d(theirs)):
                 raise ExportError(f"controlnet: {name} does not fit this UNet: {key} is {theirs!r}, the UNet's "
                                   f"{ours!r}")
+        _check_shared(name, path, repo)
         nets[name] = net
     return nets
+
+
+def weights_digest(directory: str | Path) -> str:
+    """sha256 over a model directory's weight files (names and bytes, in name order)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(directory).iterdir()):
+        if f.suffix in (".safetensors", ".bin"):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _check_shared(name: str, path: str | Path, repo: Path) -> None:
+    """controlnet_<name> is shared by every pipeline of the repository: another export may rewrite it with
+    the same weights, never replace them with others under the same name."""
+    manifest = repo / f"{CONTROLNET_PREFIX}{name}" / "1" / "manifest.json"
+    if not manifest.exists():
+        return
+    held = json.loads(manifest.read_text()).get("weights_sha256")
+    if held is not None and held != weights_digest(path):
+        raise ExportError(f"controlnet: {CONTROLNET_PREFIX}{name} in {repo} already holds another ControlNet "
+                          f"(from {json.loads(manifest.read_text()).get('source')}); allowed: the same weights, or "
+                          "another name")
 
 
 def export_pipeline(
@@ -336,7 +360,7 @@ def export_pipeline(
     limits = replace(limits, size_multiple=multiple, min_size=max(limits.min_size, multiple))
     m = multiple // vae_factor
     comps = plan_components(pipe, family, ((4 * m, 4 * m), (6 * m, 4 * m)))
-    nets = _load_controlnets(pipe, family, controlnets or {}, target)
+    nets = _load_controlnets(pipe, family, controlnets or {}, target, repo)
     if nets:
         comps += split_unet_components(pipe.unet, pipe.tokenizer.model_max_length, ((4 * m, 4 * m), (6 * m, 4 * m)),
                                        nets, vae_factor)
@@ -360,15 +384,19 @@ def export_pipeline(
             (vdir / "model.py").write_text(SHIM_COMPONENT)
         (repo / name / "config.pbtxt").write_text(_component_config(name, comp, out_dims, trt))
         module = getattr(comp.module, "model", None) or getattr(comp.module, "vae", None)
+        source, extra = pipeline_dir, {}
         if comp.name.startswith(CONTROLNET_PREFIX):
             module.save_pretrained(vdir / "torch")  # the diffusers ControlNet beside its ONNX file
+            source = Path(controlnets[comp.name[len(CONTROLNET_PREFIX):]])
+            extra = {"weights_sha256": weights_digest(source)}  # what another export may share it with
         if comp.name == "denoiser":  # the diffusers module too: the engine's torch runtime (exact patches)
             module.save_pretrained(vdir / "torch")
         (vdir / "manifest.json").write_text(
             json.dumps(
                 {
                     "component": comp.name,
-                    "source": str(pipeline_dir.resolve()),
+                    **extra,
+                    "source": str(source.resolve()),
                     "source_class": type(module).__name__,
                     "config_sha256": _config_hash(module),
                     "opset": OPSET,

@@ -424,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--scenes-per-res", type=int, default=400,
                     help="rendered training scenes per resolution (x4 at 64x64), VAE-encoded once")
     tc.add_argument("--mismatch", type=float, default=0.5,
-                    help="chance a training caption names another position than the map (the map must win)")
+                    help="chance a training caption's position is redrawn at random, 3 in 4 times another position "
+                         "than the map's (the map must win)")
     tc.add_argument("--eval-images", type=int, default=48,
                     help="generated 64x64 images per kind, prompt and map disagreeing on position (0: skip)")
     tc.add_argument("--eval-steps", type=int, default=20, help="denoising steps of the adherence images")

@@ -213,6 +213,9 @@ def _control(body: Mapping) -> tuple[str | None, np.ndarray | None, tuple[float,
     return names, image, scales
 
 
+MAX_CONTROL_EDGE = 4096  # far above any served size; the engine checks the exact size
+
+
 def _png(data: str) -> np.ndarray:
     """A base64 PNG (or JPEG) -> uint8 [H, W, 1] (greyscale) or [H, W, 3]."""
     import binascii
@@ -221,8 +224,12 @@ def _png(data: str) -> np.ndarray:
 
     try:
         img = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+        if max(img.size) > MAX_CONTROL_EDGE:  # the header only: refused before decoding
+            raise invalid("control_image", "too large", f"at most {MAX_CONTROL_EDGE} pixels a side", list(img.size))
         img.load()
-    except (binascii.Error, ValueError, OSError) as e:
+    except ApiError:
+        raise
+    except (binascii.Error, ValueError, OSError, Image.DecompressionBombError) as e:
         raise invalid("control_image", "not a base64 image", "a base64-encoded PNG", f"{type(e).__name__}") from e
     arr = np.asarray(img.convert("L") if img.mode in ("L", "1", "I", "I;16") else img.convert("RGB"), np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr

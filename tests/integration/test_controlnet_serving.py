@@ -44,9 +44,12 @@ def served(server, model: str, requests: list[tuple[list[str], int]]) -> list[np
     s = Stream(server)
     try:
         for i, (names, seed) in enumerate(requests):
-            image = np.concatenate([np.repeat(maps[n][..., None], 3, axis=2) for n in names], axis=2)
-            s.send(model, request_arrays(PROMPT, H, W, STEPS, GUIDANCE, seed, controlnet=",".join(names),
-                                         control_image=image), str(i))
+            control = {}
+            if names:
+                control = {"controlnet": ",".join(names),
+                           "control_image": np.concatenate([np.repeat(maps[n][..., None], 3, axis=2) for n in names],
+                                                           axis=2)}
+            s.send(model, request_arrays(PROMPT, H, W, STEPS, GUIDANCE, seed, **control), str(i))
         out: dict[str, np.ndarray] = {}
         while len(out) < len(requests):
             result, error = s.get(timeout_s=300)
@@ -88,7 +91,9 @@ def test_served_controlnet_images_equal_diffusers(server, diffusers_controlled, 
         diff = np.abs(image.astype(int) - want.astype(int)).max()
         assert diff <= 2, f"{model} {names}: max diff {diff}/255"
     assert np.abs(images[0].astype(int) - images[1].astype(int)).max() > 0  # the second ControlNet counts
-    assert metric(server, "tessera_controlnet_calls_total", model) >= 3 * STEPS
+    assert np.abs(images[0].astype(int) - images[2].astype(int)).max() > 0  # and the first
+    # request 1 alone makes 2 calls a step (silhouette, box); request 0 shares them or adds its own
+    wait_for(lambda: metric(server, "tessera_controlnet_calls_total", model) >= 2 * STEPS, 30, "calls counted")
 
 
 def test_more_controlnets_than_resident_are_all_served_unchanged(server):

@@ -302,3 +302,18 @@ def test_export_refuses_a_controlnet_of_another_unet(tiny_pipelines, tmp_path):
     with pytest.raises(ExportError, match="controlnet: name allowed"):
         export_pipeline(tiny_pipelines["unet"], tmp_path / "repo", progress=lambda *_: None,
                         controlnets={"Bad Name": tmp_path / "other"})
+
+
+def test_export_refuses_other_weights_under_a_shared_name(tiny_pipelines, tiny_control, tmp_path):
+    from tessera.errors import ExportError
+    from tessera_export.repository import export_pipeline
+
+    _, nets, _, _ = tiny_control
+    nets["a"].save_pretrained(tmp_path / "edges")
+    nets["b"].save_pretrained(tmp_path / "edges2")
+    repo = tmp_path / "repo"
+    export_pipeline(tiny_pipelines["unet"], repo, prefix="one_", progress=lambda *_: None,
+                    controlnets={"edges": tmp_path / "edges"})
+    with pytest.raises(ExportError, match="already holds another ControlNet"):
+        export_pipeline(tiny_pipelines["unet"], repo, prefix="two_", progress=lambda *_: None,
+                        controlnets={"edges": tmp_path / "edges2"})

@@ -88,19 +88,19 @@ class ControlDenoiser:
             n = it["sample"].shape[0]
             rows.append(np.arange(start, start + n))
             start += n
-        jobs = self._jobs(merged, rows, calls)
+        jobs, uses = self._jobs(merged, rows, calls)
         need_now = [i for i, c in enumerate(calls) if c is not None and not (self.async_mode and c.state.residuals)]
         enc_in = {k: merged[k] for k in ENCODER_INPUTS}
         if self.parallel:
-            futures = [self._pool.submit(net.run, feeds) for net, feeds, _ in jobs]
+            futures = [self._pool.submit(net.run, feeds) for net, feeds in jobs]
             enc = self.encoder.run(enc_in)
             t_enc = time.perf_counter()
             results = [f.result() for f in futures] if need_now else None
         else:
             enc = self.encoder.run(enc_in)
             t_enc = time.perf_counter()
-            results = [net.run(feeds) for net, feeds, _ in jobs] if need_now else None
-        fresh = self._sum(enc, jobs, results, start) if results is not None else None
+            results = [net.run(feeds) for net, feeds in jobs] if need_now else None
+        fresh = self._sum(enc, results, uses, rows) if results is not None else None
         wait_s = time.perf_counter() - t_enc
         skips = [enc[name].copy() for name in self.residual_names]
         for i, call in enumerate(calls):
@@ -114,8 +114,8 @@ class ControlDenoiser:
         out = self.decoder.run(feeds)[DENOISER_OUTPUT]
         if self.async_mode:  # this step's residuals serve the next step
             if fresh is None:
-                results = [f.result() for f in futures] if self.parallel else [net.run(f) for net, f, _ in jobs]
-                fresh = self._sum(enc, jobs, results, start)
+                results = [f.result() for f in futures] if self.parallel else [net.run(f) for net, f in jobs]
+                fresh = self._sum(enc, results, uses, rows)
             for i, call in enumerate(calls):
                 if call is not None:
                     call.state.residuals = [r[rows[i]].copy() for r in fresh]
@@ -125,28 +125,36 @@ class ControlDenoiser:
         return _split(out, group)
 
     def _jobs(self, merged: Inputs, rows: list[np.ndarray], calls: list[ControlCall | None]):
-        """One call per distinct ControlNet over the rows that use it: (net, feeds, per-row scale [r, 1, 1, 1])."""
-        users: dict[int, tuple[object, list[np.ndarray], list[np.ndarray], list[np.ndarray]]] = {}
+        """One call per distinct ControlNet over the rows that use it: [(net, feeds)], and per request its
+        [(job, first row in the job's output, last + 1, scale)] in the request's own ControlNet order."""
+        users: dict[int, tuple[object, list[np.ndarray], list[np.ndarray]]] = {}
+        order: dict[int, int] = {}
+        uses: list[list[tuple[int, int, int, float]]] = []
         for i, call in enumerate(calls):
-            if call is None:
-                continue
-            n = len(rows[i])
-            for (net, scale), cond in zip(call.nets, call.conditions, strict=True):
-                _, r, c, s = users.setdefault(id(net), (net, [], [], []))
-                r.append(rows[i])
-                c.append(np.repeat(cond, n, axis=0))
-                s.append(np.full(n, scale, np.float32))
+            mine = []
+            if call is not None:
+                n = len(rows[i])
+                for (net, scale), cond in zip(call.nets, call.conditions, strict=True):
+                    job = order.setdefault(id(net), len(order))
+                    _, r, c = users.setdefault(id(net), (net, [], []))
+                    start = sum(len(x) for x in r)
+                    r.append(rows[i])
+                    c.append(np.repeat(cond, n, axis=0))
+                    mine.append((job, start, start + n, float(scale)))
+            uses.append(mine)
         jobs = []
-        for net, r, c, s in users.values():
+        for net, r, c in users.values():
             idx = np.concatenate(r)
-            feeds = {k: merged[k][idx] for k in ENCODER_INPUTS} | {"controlnet_cond": np.concatenate(c)}
-            jobs.append((net, feeds, (idx, np.concatenate(s).reshape(-1, 1, 1, 1))))
-        return jobs
+            jobs.append((net, {k: merged[k][idx] for k in ENCODER_INPUTS} | {"controlnet_cond": np.concatenate(c)}))
+        return jobs, uses
 
-    def _sum(self, enc: dict, jobs, results, n_rows: int) -> list[np.ndarray]:
-        """Per skip (then mid): every row's ControlNet outputs times its scales, summed in call order."""
+    def _sum(self, enc: dict, results, uses, rows: list[np.ndarray]) -> list[np.ndarray]:
+        """Per skip (then mid): each request's ControlNet outputs times their scales, summed in the request's
+        order (diffusers' MultiControlNetModel), at its rows; zero for rows without a ControlNet."""
         total = [np.zeros_like(enc[name]) for name in self.residual_names]
-        for (_, _, (idx, scale)), out in zip(jobs, results, strict=True):
-            for k, name in enumerate(self.residual_names):
-                total[k][idx] += out[name] * scale
+        for i, mine in enumerate(uses):
+            for job, a, b, scale in mine:
+                out = results[job]
+                for k, name in enumerate(self.residual_names):
+                    total[k][rows[i]] += out[name][a:b] * np.float32(scale)
         return total

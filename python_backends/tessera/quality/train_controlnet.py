@@ -10,8 +10,9 @@ Control maps (`CONTROLS`), white on black, at the image's resolution:
   box         the object's bounding box, filled
 diffusers' ControlNetModel always has a 3x3 conv_in: the heavy UNet's 9x9 kernel is cropped to its centre
 (`from_unet`). The map must win over the caption: with probability `mismatch` a training caption's position words are
-replaced by another position (the map is the ground truth of the image), so that a prompt and a map that
-disagree on position give the map's position (the issue's adherence test).
+redrawn at random among the four positions (3 in 4 of them then name another position than the image's:
+37.5% of captions at the default 0.5; the map is the ground truth of the image), so that a prompt and a map
+that disagree on position give the map's position (the issue's adherence test).
 
 Fixed seeds, wall-clock bounded, resumable from `work_dir`. Each ControlNet is written with diffusers'
 `save_pretrained` (fp16 files, loaded as fp32 like the reference UNet): `OUT/<kind>/`, what
@@ -79,7 +80,7 @@ class ControlSettings:
     batch: int = 32  # at 64x64; other resolutions get half
     steps: int = 1500  # per kind
     per_res: int = 400  # rendered scenes per resolution (x4 at 64x64), encoded once
-    mismatch: float = 0.5  # chance a caption's position is replaced by another one
+    mismatch: float = 0.5  # chance a caption's position words are redrawn at random (3 in 4: another one)
     resolutions: tuple[tuple[int, int], ...] = RESOLUTIONS
 
 
