@@ -7,8 +7,9 @@ reference ControlNets, one run:
 2. Each ratio next to its ideal from the component times measured in the same run (the exported ONNX
    parts, in-process, at the request's shape), Amdahl-style: the rest of a request (text encoder, decode,
    serving) is the no-ControlNet latency minus its denoiser time; per step, serial = encoder + sum of
-   ControlNets + decoder, parallel on 2 cores = max(encoder, sum of ControlNets) + decoder, async =
-   max(encoder + decoder, sum of ControlNets); CFG: two one-row calls at once = one one-row call
+   ControlNets + decoder; parallel = span(encoder, each ControlNet) + decoder and async = span(encoder +
+   decoder, each ControlNet), where span is the shortest time the machine's cores (2 here) run those
+   independent tasks in: max(longest, total / cores); CFG: two one-row calls at once = one one-row call
    (`cfg_parallel=on` splits every call, `auto` only calls of at most 2 rows: a lone latent).
 3. Throughput at saturation: a closed loop of `--concurrency` clients per setting (requests batched
    into shared steps), images/s, so what parallelism costs per instance shows once the cores are full.
@@ -19,6 +20,7 @@ Writes perf/results/controlnet.json (+ .png). Run: python -m perf.controlnet
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -109,18 +111,24 @@ def component_ms(repo: Path, size: int, calls: int, rows: int = 2) -> dict[str, 
     return out
 
 
-def ideals(comp: dict[str, float], lone: dict[str, float], steps: int) -> dict[str, dict]:
-    """Amdahl-style ideal speed-ups from the component times (module docstring)."""
+def span(chains: list[float], cores: int) -> float:
+    """The shortest time `cores` cores can run independent tasks of these lengths in (each task on one core
+    at a time, preemption allowed): the longest task, or the total shared out evenly, whichever is longer."""
+    return max(max(chains), sum(chains) / cores)
+
+
+def ideals(comp: dict[str, float], lone: dict[str, float], steps: int, cores: int = 2) -> dict[str, dict]:
+    """Amdahl-style ideal speed-ups from the component times (module docstring), on `cores` cores."""
     other = max(lone["cn0"] - steps * comp["unet"], 0.0)
     enc, dec = comp["encoder"], comp["decoder"]
-    cn = {1: comp["controlnet_silhouette"], 2: comp["controlnet_silhouette"] + comp["controlnet_box"]}
+    nets = {1: [comp["controlnet_silhouette"]], 2: [comp["controlnet_silhouette"], comp["controlnet_box"]]}
     out = {}
     for k in (1, 2):
-        serial = other + steps * (enc + cn[k] + dec)
+        serial = other + steps * (enc + sum(nets[k]) + dec)
         out[f"cn{k}_parallel_vs_serial"] = {"measured": lone[f"cn{k}_serial"] / lone[f"cn{k}_parallel"],
-                                            "ideal": serial / (other + steps * (max(enc, cn[k]) + dec))}
+                                            "ideal": serial / (other + steps * (span([enc, *nets[k]], cores) + dec))}
         out[f"cn{k}_async_vs_serial"] = {"measured": lone[f"cn{k}_serial"] / lone[f"cn{k}_async"],
-                                         "ideal": serial / (other + steps * max(enc + dec, cn[k]))}
+                                         "ideal": serial / (other + steps * span([enc + dec, *nets[k]], cores))}
         out[f"cn{k}_serial_vs_cn0"] = {"measured": lone[f"cn{k}_serial"] / lone["cn0"],
                                        "predicted": serial / (other + steps * comp["unet"])}
     cfg_ideal = (other + steps * comp["unet"]) / (other + steps * comp["unet_one_row"])
@@ -183,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             throughput[variant] = {"images_per_s": round(args.requests / wall, 4), "wall_s": round(wall, 2)}
             print(f"[tessera] controlnet throughput {variant}: {throughput[variant]}", flush=True)
     lone = {k: statistics.median(v) for k, v in lone_ms.items()}
-    ratios = ideals(comp, lone, args.steps)
+    ratios = ideals(comp, lone, args.steps, os.cpu_count() or 1)
     tput = {k: v["images_per_s"] for k, v in throughput.items()}
     saturation = {
         "cn1_parallel_vs_serial": round(tput["cn1_parallel"] / tput["cn1_serial"], 3),
@@ -196,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"component_ms": comp, "lone_median_ms": lone, "lone_ms": lone_ms, "lone_ratios": ratios,
               "throughput": throughput, "throughput_ratios": saturation}
     config = vars(args) | {"model": "heavy reference (quality_models/heavy) + quality_models/controlnet, executor "
-                           "local, ORT one intra-op thread per part", "wall_s": round(time.monotonic() - t_start)}
+                           "local, ORT one intra-op thread per part", "cores": os.cpu_count(),
+                           "wall_s": round(time.monotonic() - t_start)}
     path = write_result("controlnet", config, result)
     _plot(lone, ratios, saturation, RESULTS / "controlnet.png")
     print(f"[tessera] controlnet: lone ratios {ratios}; saturation {saturation}; wrote {path}")
