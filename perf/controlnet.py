@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--size", type=int, default=256, help="image edge, pixels")
     ap.add_argument("--steps", type=int, default=20, help="denoising steps")
     ap.add_argument("--guidance", type=float, default=4.0, help="guidance scale (> 1: CFG, two rows a request)")
-    ap.add_argument("--concurrency", type=int, default=4, help="closed-loop clients for the throughput part")
-    ap.add_argument("--requests", type=int, default=16, help="requests per setting in the throughput part")
+    ap.add_argument("--concurrency", type=int, default=2, help="closed-loop clients for the throughput part")
+    ap.add_argument("--requests", type=int, default=8, help="requests per setting in the throughput part")
     ap.add_argument("--component-calls", type=int, default=15, help="timed calls per component (median)")
     return ap
 

@@ -95,6 +95,7 @@ def repo(work_dir, tiny_pipelines) -> Path:
         add_engine(path, "ref_engine", "ref_engine_cn_serial", control_parallel="off")
         add_engine(path, "ref_engine", "ref_engine_cn_async", control_mode="async")
         add_engine(path, "ref_engine", "ref_engine_cn_one", controlnet_cache=1)  # fewer resident than served
+        add_engine(path, "ref_engine", "ref_engine_cn_bls", executor="bls")  # the ControlNet models over BLS
         # the same model with entropy early exit on by default (tests/integration/test_early_exit_serving.py)
         add_engine(path, "ref_engine", "ref_engine_ee", entry="ref_txt2img_ee", early_exit="on")
     return path

@@ -1,9 +1,10 @@
 """ControlNets through the real server (issue 15) on the committed heavy reference and its two reference
 ControlNets (`quality_models/controlnet`, exported as the shared models controlnet_silhouette and
 controlnet_box, the UNet also as ref_denoiser_encoder + ref_denoiser_decoder):
-- a served image with one and with two ControlNets, ControlNets beside the encoder (ref_engine) and one
-  after another (ref_engine_cn_serial), equals diffusers' StableDiffusionControlNetPipeline over the same
-  components within 2/255;
+- a served image with one and with two ControlNets, ControlNets beside the encoder (ref_engine), one
+  after another (ref_engine_cn_serial), and beside it as calls to the shared Triton models over BLS
+  (ref_engine_cn_bls), equals diffusers' StableDiffusionControlNetPipeline over the same components
+  within 2/255;
 - more ControlNets than the service keeps resident (ref_engine_cn_one holds one): every request served,
   each image unchanged by the evictions and reloads, which the metrics count;
 - async mode serves (its fidelity is measured in perf/results/controlnet_quality.json);
@@ -82,7 +83,7 @@ def diffusers_controlled(repo):
     return generate
 
 
-@pytest.mark.parametrize("model", ["ref_engine", "ref_engine_cn_serial"])
+@pytest.mark.parametrize("model", ["ref_engine", "ref_engine_cn_serial", "ref_engine_cn_bls"])
 def test_served_controlnet_images_equal_diffusers(server, diffusers_controlled, model):
     requests = [(["silhouette"], 11), (["silhouette", "box"], 12), ([], 13)]
     images = served(server, model, requests)

@@ -25,3 +25,7 @@ class Components(Protocol):
 
     def decode(self, latent: np.ndarray) -> np.ndarray:
         """VAE-decode scaled latents [B, C, h, w] into images [B, 3, H, W] in [-1, 1]."""
+
+    def model(self, name: str, outputs: tuple[str, ...]):
+        """Another model of the repository with `run(feeds) -> {output: array}` (the UNet's encoder/decoder
+        parts and the ControlNets): in-process (local) or over BLS."""

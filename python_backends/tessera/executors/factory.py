@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from ..config import EngineConfig
-from ..options import CfgParallel, DenoiseMode, Executor, Family, Runtime
+from ..options import CfgParallel, DenoiseMode, Family, Runtime
 from ..spec import PipelineSpec
 from .base import Components
 from .denoise import ConcatDenoiser, PatchDenoiser, RowParallel, TiledDenoiser, torch_call
@@ -23,9 +23,13 @@ def load_torch_denoiser(spec: PipelineSpec, repo: str | Path):
 
 
 def serves_controlnets(config: EngineConfig, spec: PipelineSpec) -> bool:
-    """ControlNets run in-process over the exported encoder/decoder parts: local executor, ORT, concat."""
-    return bool(spec.controlnets) and config.executor is Executor.LOCAL and config.denoiser_runtime is Runtime.ORT \
+    """ControlNets run over the exported encoder/decoder parts (in-process or over BLS): ORT, concat, no LoRA."""
+    return bool(spec.controlnets) and config.denoiser_runtime is Runtime.ORT \
         and config.denoise_mode is DenoiseMode.CONCAT and not config.lora_dir
+
+
+def residual_names(spec: PipelineSpec) -> tuple[str, ...]:
+    return (*(f"down_{i}" for i in range(spec.down_residuals)), "mid")
 
 
 def row_parallel(config: EngineConfig, call):
@@ -37,13 +41,14 @@ def row_parallel(config: EngineConfig, call):
 
 def make_denoiser(config: EngineConfig, spec: PipelineSpec, repo: str | Path, components: Components):
     if serves_controlnets(config, spec):
+        from .base import DENOISER_OUTPUT
         from .control import ControlDenoiser
-        from .ort import OrtModel
 
         whole = row_parallel(config, components.denoise)
-        parts = (OrtModel(Path(repo) / name / "1" / "model.onnx", config.intra_op_threads)
-                 for name in (spec.denoiser_encoder, spec.denoiser_decoder))
-        return ControlDenoiser(whole, *parts, spec.down_residuals, bool(config.control_parallel), config.control_mode)
+        encoder = components.model(spec.denoiser_encoder, ("emb", *residual_names(spec)))
+        decoder = components.model(spec.denoiser_decoder, (DENOISER_OUTPUT,))
+        return ControlDenoiser(whole, encoder, decoder, spec.down_residuals, bool(config.control_parallel),
+                               config.control_mode)
     if config.denoiser_runtime is Runtime.ORT:
         call = row_parallel(config, components.denoise)
         if config.lora_dir:  # merged sessions per adapter set, in-process; rows without adapters as before
@@ -60,24 +65,27 @@ def make_denoiser(config: EngineConfig, spec: PipelineSpec, repo: str | Path, co
     return ConcatDenoiser(call)
 
 
-def make_addons(config: EngineConfig, spec: PipelineSpec, repo: str | Path):
+def make_addons(config: EngineConfig, spec: PipelineSpec, repo: str | Path, components: Components):
     """The engine's add-ons: LoRA adapters (make_adapters), and with them the ControlNet service when the
-    repository holds ControlNets for this pipeline and the engine can run them (serves_controlnets)."""
+    repository holds ControlNets for this pipeline and the engine can run them (serves_controlnets): each
+    ControlNet is loaded on demand as an in-process session (local) or a handle on its shared Triton model
+    (bls: the model itself is loaded with the server)."""
     adapters = make_adapters(config)
     if not serves_controlnets(config, spec):
         if spec.controlnets:
-            log.warning("[tessera] ControlNets %s not served by this engine: they need executor=local, "
-                        "denoiser_runtime=ort, denoise_mode=concat and no lora_dir", ", ".join(spec.controlnets))
+            log.warning("[tessera] ControlNets %s not served by this engine: they need denoiser_runtime=ort, "
+                        "denoise_mode=concat and no lora_dir", ", ".join(spec.controlnets))
         return adapters
     from ..controlnet import ControlNets, WithControlNets
     from ..lora_cache import LoraCache, LoraLoader
-    from .ort import OrtModel
+
+    outputs = residual_names(spec)
 
     def resolve(model: str) -> Path:
-        return Path(repo) / model / "1" / "model.onnx"
+        return Path(repo) / model
 
-    def load(path: Path):
-        return OrtModel(path, config.intra_op_threads), path.stat().st_size
+    def load(model_dir: Path):
+        return components.model(model_dir.name, outputs), (model_dir / "1" / "model.onnx").stat().st_size
 
     cache = LoraCache(config.controlnet_cache_mb << 20, max_entries=config.controlnet_cache)
     return WithControlNets(adapters, ControlNets(frozenset(spec.controlnets), LoraLoader(cache, resolve, load)))

@@ -55,6 +55,7 @@ class LocalComponents:
         """`repo` is the model repository: component `name` lives in `repo/name/1/model.onnx`."""
         names = (*spec.text_encoders, spec.denoiser, spec.vae_decoder)
         self.models = {n: OrtModel(Path(repo) / n / "1" / "model.onnx", threads) for n in names}
+        self.repo, self.threads = Path(repo), threads
         self.denoiser_name = spec.denoiser
         self.vae_name = spec.vae_decoder
 
@@ -67,3 +68,7 @@ class LocalComponents:
 
     def decode(self, latent: np.ndarray) -> np.ndarray:
         return self.models[self.vae_name].run({VAE_INPUT: latent})[VAE_OUTPUT]
+
+    def model(self, name: str, outputs: tuple[str, ...]) -> OrtModel:
+        """Another model of the repository, in its own session (every output: `outputs` is for BLS)."""
+        return OrtModel(self.repo / name / "1" / "model.onnx", self.threads)

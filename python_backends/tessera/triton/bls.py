@@ -45,3 +45,17 @@ class BlsComponents:
     def decode(self, latent: np.ndarray) -> np.ndarray:
         out = self._call(self.spec.vae_decoder, {VAE_INPUT: latent}, (VAE_OUTPUT,))[VAE_OUTPUT]
         return from_triton_shape(out, 4)
+
+    def model(self, name: str, outputs: tuple[str, ...]) -> BlsModel:
+        return BlsModel(self, name, outputs)
+
+
+class BlsModel:
+    """One repository model over BLS with the executors' `run(feeds) -> {output: array}` (the UNet's encoder
+    and decoder parts and the shared ControlNet models, for an engine whose executor is bls)."""
+
+    def __init__(self, components: BlsComponents, name: str, outputs: tuple[str, ...]):
+        self.components, self.name, self.outputs = components, name, outputs
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.components._call(self.name, feeds, self.outputs)

@@ -109,7 +109,7 @@ class TritonPythonModel:
                              config.round_steps, config.deadline_margin, config.early_refusal)
         self.engine = Engine(pipeline, denoiser, policy, cost=self.cost, slo_scale=config.slo_scale,
                              exit_rule=config.exit_rule(), early_exit=bool(config.early_exit),
-                             adapters=make_addons(config, self.spec, repo))
+                             adapters=make_addons(config, self.spec, repo, components))
         self._controlnets = frozenset(self.spec.controlnets) if serves_controlnets(config, self.spec) else frozenset()
         self.metrics = EngineMetrics(self.name, self.engine, self.cost, pending=lambda: self.loop.pending,
                                      controls=self._control_counters if self._controlnets else None)
