@@ -79,8 +79,9 @@ class EngineConfig:
     cfg_parallel: CfgParallel = CfgParallel.OFF
     """on: a denoiser call of 2 or more rows runs as two halves at once on two threads of the engine's process
     (a lone request's CFG halves in parallel: latent parallelism); auto: only calls of at most 2 rows (one CFG
-    latent alone in its call, when the other core would idle; batched steps run whole); needs executor=local,
-    denoiser_runtime=ort."""
+    latent alone in its call; batched steps run whole, for hosts where one batched call fills the device: with
+    one intra-op thread per call it does not, and `on` wins at saturation too, perf/results/controlnet.json);
+    needs executor=local, denoiser_runtime=ort."""
     lora_batching: LoraBatching = LoraBatching.MIXED
     """mixed: requests with different adapter sets, and none, share each step; one_set: a step runs one adapter
     set (the most urgent request's), the others sit it out, as in servers that hold one adapter per batch."""
