@@ -51,13 +51,7 @@ def served(server, model: str, requests: list[tuple[list[str], int]]) -> list[np
                            "control_image": np.concatenate([np.repeat(maps[n][..., None], 3, axis=2) for n in names],
                                                            axis=2)}
             s.send(model, request_arrays(PROMPT, H, W, STEPS, GUIDANCE, seed, **control), str(i))
-        out: dict[str, np.ndarray] = {}
-        while len(out) < len(requests):
-            result, error = s.get(timeout_s=300)
-            assert error is None, str(error)
-            image = result.as_numpy("image")
-            if image is not None:
-                out[result.get_response().id] = image[0]
+        out = s.images(len(requests), timeout_s=300)
     finally:
         s.close()
     return [out[str(i)] for i in range(len(requests))]

@@ -34,6 +34,17 @@ class Stream:
     def get(self, timeout_s: float = 120.0):
         return self.q.get(timeout=timeout_s)
 
+    def images(self, n: int, timeout_s: float = 120.0) -> dict[str, np.ndarray]:
+        """The final images of the n requests sent on this stream, by request id (an error fails the test)."""
+        out: dict[str, np.ndarray] = {}
+        while len(out) < n:
+            result, error = self.get(timeout_s)
+            assert error is None, str(error)
+            image = result.as_numpy("image")
+            if image is not None:
+                out[result.get_response().id] = image[0]
+        return out
+
     def close(self, cancel: bool = False) -> None:
         self.client.stop_stream(cancel_requests=cancel)
         self.client.close()

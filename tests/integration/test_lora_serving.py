@@ -27,13 +27,7 @@ def stream_images(server, requests: list[tuple[str | None, int]], model: str = M
     try:
         for i, (lora, seed) in enumerate(requests):
             s.send(model, request_arrays(PROMPT, H, W, STEPS, GUIDANCE, seed, lora=lora), str(i))
-        out: dict[str, np.ndarray] = {}
-        while len(out) < len(requests):
-            result, error = s.get()
-            assert error is None, str(error)
-            image = result.as_numpy("image")
-            if image is not None:
-                out[result.get_response().id] = image[0]
+        out = s.images(len(requests))
     finally:
         s.close()
     return [out[str(i)] for i in range(len(requests))]

@@ -34,7 +34,7 @@ import torch
 from . import models as M
 from .shapes import POSITIONS, RESOLUTIONS, Label, all_labels, render
 from .train import _bar, _to_tensor, training_draws
-from .train_lora import caption_embeddings, load_reference
+from .train_lora import optimizer_step, training_setup
 
 CONTROLS = ("silhouette", "box")
 CKPT_EVERY = 50
@@ -145,7 +145,8 @@ def train_kind(pipe, kind: str, data: dict, embs: dict, work: Path, settings: Co
     torch.manual_seed(seed + 300 + index)
     controlnet = from_unet(pipe.unet)
     controlnet.train()
-    opt = torch.optim.AdamW(controlnet.parameters(), lr=settings.lr, weight_decay=1e-4)
+    params = list(controlnet.parameters())
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=1e-4)
     ckpt = work / f"controlnet-{kind}.state"
     step, loss_avg, wall_before = 0, None, 0.0
     if ckpt.exists():
@@ -179,12 +180,7 @@ def train_kind(pipe, kind: str, data: dict, embs: dict, work: Path, settings: Co
         emb = torch.stack([embs[c] for c in caps])
         cond = condition(np.stack([control_map(kind, masks[i]) for i in idx]))
         loss = control_loss(pipe.unet, controlnet, sampler, x0, emb, t, noise, cond)
-        for g in opt.param_groups:
-            g["lr"] = settings.lr * min(1.0, (step + 1) / max(settings.warmup, 1))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, params, settings.lr, settings.warmup, step)
         step += 1
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         if step % 5 == 0:
@@ -266,16 +262,9 @@ def train_controlnet(out_dir: str | Path, heavy_dir: str | Path = "quality_model
     for k in kinds:
         if k not in CONTROLS:
             raise ValueError(f"kinds: allowed {CONTROLS}, got {k!r}")
-    torch.set_num_threads(1)
-    out, work = Path(out_dir), Path(work_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
+    out, work, pipe, embs, report_path, report = training_setup(out_dir, work_dir, heavy_dir)
     t_start = time.monotonic()
-    pipe = load_reference(heavy_dir)
-    embs = caption_embeddings(pipe)
     data = control_dataset(pipe.vae, work, settings.per_res, seed, settings.resolutions)
-    report_path = out / "training.json"
-    report = json.loads(report_path.read_text()) if report_path.exists() else {}
     report |= {
         "command": command or report.get("command", ""), "base": str(heavy_dir), "seed": seed, "machine_threads": 1,
         "controlnet": {"from": "ControlNetModel.from_unet(heavy unet)",

@@ -131,12 +131,7 @@ def train_style(pipe, style: str, data: dict, embs: dict, work: Path, settings: 
         caps, t, noise = training_draws(rng, sampler, x0, [captions[i] for i in idx])
         emb = torch.stack([embs[c] for c in caps])
         loss = v_loss(unet, sampler, x0, emb, t, noise, "v")
-        for g in opt.param_groups:
-            g["lr"] = settings.lr * min(1.0, (step + 1) / max(settings.warmup, 1))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, params, settings.lr, settings.warmup, step)
         step += 1
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         if step % 5 == 0:
@@ -149,6 +144,31 @@ def train_style(pipe, style: str, data: dict, embs: dict, work: Path, settings: 
     wall = wall_before + time.monotonic() - t0
     return unet, {"steps": step, "resumed_from_step": start, "wall_s": round(wall, 1),
                   "loss_avg": None if loss_avg is None else round(loss_avg, 5)}
+
+
+def optimizer_step(opt, loss, params, lr: float, warmup: int, step: int) -> None:
+    """One AdamW step at `step`: linear warmup of the learning rate, gradients clipped at norm 1 (train-lora
+    and train-controlnet)."""
+    for g in opt.param_groups:
+        g["lr"] = lr * min(1.0, (step + 1) / max(warmup, 1))
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
+def training_setup(out_dir: str | Path, work_dir: str | Path, heavy_dir: str | Path):
+    """What train-lora and train-controlnet start from: one thread, the output and work directories, the
+    frozen heavy reference, its caption embeddings, and OUT/training.json as far as it exists (resumed runs
+    add to it). Returns (out, work, pipe, embeddings, report path, report)."""
+    torch.set_num_threads(1)
+    out, work = Path(out_dir), Path(work_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    pipe = load_reference(heavy_dir)
+    report_path = out / "training.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    return out, work, pipe, caption_embeddings(pipe), report_path, report
 
 
 def save_adapter(unet, out: Path) -> Path:
@@ -208,15 +228,8 @@ def train_lora(out_dir: str | Path, heavy_dir: str | Path = "quality_models/heav
     for s in styles:
         if s not in LORA_STYLES:
             raise ValueError(f"styles: allowed {LORA_STYLES}, got {s!r}")
-    torch.set_num_threads(1)
-    out, work = Path(out_dir), Path(work_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
+    out, work, pipe, embs, report_path, report = training_setup(out_dir, work_dir, heavy_dir)
     t_start = time.monotonic()
-    pipe = load_reference(heavy_dir)
-    embs = caption_embeddings(pipe)
-    report_path = out / "training.json"
-    report = json.loads(report_path.read_text()) if report_path.exists() else {}
     cfg = settings.config()
     report |= {
         "command": command or report.get("command", ""), "base": str(heavy_dir), "seed": seed,
