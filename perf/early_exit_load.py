@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per load")
     ap.add_argument("--steps", type=int, default=50, help="denoising steps asked per request")
     ap.add_argument("--slo-scale", type=float, default=5.0, help="SLO per size = k x its isolated latency")
-    ap.add_argument("--policy", default=PolicyName.ROUNDS.value, choices=[m.value for m in PolicyName],
+    ap.add_argument("--policy", default=PolicyName.EDF_MH.value, choices=[m.value for m in PolicyName],
                     help="scheduling policy of both engines")
     ap.add_argument("--seed", type=int, default=7, help="trace seed (seed + i for the i-th load)")
     return ap

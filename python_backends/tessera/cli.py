@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine calls components over BLS, or runs their ONNX files in-process (default: local "
                         "for --target cpu, where it saves the components' IPC (perf/results/overhead.json); bls "
                         "for --target gpu, where the components are TensorRT models)")
-    e.add_argument("--policy", choices=[m.value for m in PolicyName], default=PolicyName.ROUNDS.value,
+    e.add_argument("--policy", choices=[m.value for m in PolicyName], default=PolicyName.EDF_MH.value,
                    help="request scheduling policy (default: %(default)s, the best full-step policy measured)")
     e.add_argument("--on-hopeless", choices=[m.value for m in OnHopeless], default=OnHopeless.DROP.value,
                    help="slack/rounds: a request that cannot meet its deadline is dropped, or degraded to fewer "

@@ -14,8 +14,8 @@ OPTIONS: dict[str, type[Option]] = {c.__name__: c for c in (CfgParallel, Control
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    policy: PolicyName = PolicyName.ROUNDS
-    """Request scheduling policy (scheduler.POLICIES); rounds holds deadlines best in every benchmark here."""
+    policy: PolicyName = PolicyName.EDF_MH
+    """Request scheduling policy (policies.POLICIES); rounds holds deadlines best in every benchmark here."""
     max_batch: int = 16
     """Most requests advanced in one step."""
     max_in_flight: int = 256

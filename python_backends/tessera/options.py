@@ -28,7 +28,19 @@ class PolicyName(Option):
     IMAGE_FCFS = "image-fcfs"
     STEP_FCFS = "step-fcfs"
     SLACK = "slack"
-    ROUNDS = "rounds"
+    EDF_MH = "edf-mh"  # re-planned rounds: EDF packing with Moore-Hodgson admission (was "rounds")
+    TETRIS = "tetris"  # TetriServe: per-request degree every round, group-knapsack packing over workers
+    FIXED = "fixed"  # one fixed degree for every request, first come first served, no batching (xDiT)
+    RSSP = "rssp"  # TetriServe's resolution-specific fixed degree
+
+    @classmethod
+    def _missing_(cls, value):
+        return cls.EDF_MH if value == "rounds" else None  # the old name of edf-mh keeps working
+
+
+class Placement(Option):
+    LEAST_WORK = "least-work"  # degree-1 work on the worker with the least predicted work (QoS-Diff)
+    ROUND_ROBIN = "round-robin"  # each request on the next worker in turn, kept there (a baseline)
 
 
 class OnHopeless(Option):

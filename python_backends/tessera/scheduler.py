@@ -9,9 +9,11 @@ the admission test (early refusal): the reason a newcomer cannot be fitted, or N
   slack       least slack first; a schedulability test never admits a request that would make an
               on-time active request late; throughput mode (admit FCFS) while every slack is relaxed;
               hopeless requests dropped or degraded.
-  rounds      re-plan every g steps: EDF packing of running + waiting requests into the batch,
+  edf-mh      (formerly `rounds`, still accepted) re-plan every g steps: EDF packing of running + waiting requests into the batch,
               keeping only sets in which every member still meets its deadline (most requests on time);
-              the rest wait (running ones pause); hopeless requests dropped or degraded.
+              the rest wait (running ones pause); hopeless requests dropped or degraded. With several
+              denoiser workers its batch is spread over them at degree 1 by the engine's placer.
+  tetris, fixed, rssp   choose each request's degree over several denoiser workers: degrees.py.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ class PolicySettings:
     round_steps: int = 5
     margin: float = 0.1
     early_refusal: EarlyRefusal = EarlyRefusal.ON
+    workers: int = 1  # the engine's denoiser workers (degree-choosing policies)
+    fixed_degree: int = 1  # fixed: every request's degree
+    rssp: tuple[tuple[tuple[int, int], int], ...] = ()  # rssp: ((height, width), degree) per resolution
 
 
 class Policy:
@@ -158,7 +163,7 @@ class _DeadlinePolicy(Policy):
         t = now_s
         for s in edf:
             kept.append(s)
-            alone.append(self.cost.alone_s(s))
+            alone.append(self.cost.alone_s(s) / self.cost.degrees.workers)  # N workers: one machine N times as fast
             t += alone[-1]
             if _fits(t, s, now_s, self.margin):
                 continue
@@ -168,7 +173,7 @@ class _DeadlinePolicy(Policy):
             if total is not None:
                 kept[i] = longest.with_total(total)
                 shortened[longest.request_id] = total
-                now_alone = self.cost.alone_s(kept[i])
+                now_alone = self.cost.alone_s(kept[i]) / self.cost.degrees.workers
                 t -= alone[i] - now_alone
                 alone[i] = now_alone
             else:
@@ -262,8 +267,8 @@ class SlackPolicy(_DeadlinePolicy):
         return [ft[s.request_id] for s in batch]
 
 
-class RoundsPolicy(_DeadlinePolicy):
-    name = PolicyName.ROUNDS
+class EdfMhPolicy(_DeadlinePolicy):
+    name = PolicyName.EDF_MH
 
     def __init__(self, max_batch: int = 16, cost: CostModel | None = None, on_hopeless: OnHopeless | str = "drop",
                  min_steps: int = 4, round_steps: int = 5, margin: float = 0.1,
@@ -317,15 +322,3 @@ class RoundsPolicy(_DeadlinePolicy):
                 if not _fits(t, s, now_s, self.margin):
                     return False
         return True
-
-
-POLICIES: dict[PolicyName, type[Policy]] = {p.name: p for p in (ImageFcfsPolicy, StepFcfsPolicy, SlackPolicy, RoundsPolicy)}
-
-
-def make_policy(name: PolicyName | str, max_batch: int = 16, cost: CostModel | None = None,
-                on_hopeless: OnHopeless | str = OnHopeless.DROP, min_steps: int = 4, round_steps: int = 5,
-                margin: float = 0.1, early_refusal: EarlyRefusal | str = EarlyRefusal.ON) -> Policy:
-    """The policy registered as `name` (ConfigError naming `policy` and the allowed values otherwise)."""
-    settings = PolicySettings(max_batch, OnHopeless.parse("on_hopeless", on_hopeless), min_steps, round_steps, margin,
-                              EarlyRefusal.parse("early_refusal", early_refusal))
-    return POLICIES[PolicyName.parse("policy", name)].build(settings, cost)

@@ -34,7 +34,7 @@ class _Pipeline(_SimPipeline):
 
 
 class _Denoiser(_SimDenoiser):
-    def run(self, items, adapters=None, controls=None):
+    def run(self, items, adapters=None, controls=None, places=None):
         return super().run([it["sample"] for it in items])
 
 

@@ -12,7 +12,8 @@ from tessera.cost import CostModel
 from tessera.plan import EngineView
 from tessera.predictor import BatchShape, LatencyPredictor
 from tessera.request import GenerationParams, RequestState
-from tessera.scheduler import POLICIES, RoundsPolicy, SlackPolicy, make_policy
+from tessera.policies import POLICIES, make_policy
+from tessera.scheduler import EdfMhPolicy, SlackPolicy
 
 
 @dataclass
@@ -89,12 +90,12 @@ def test_rounds_replans_only_at_boundaries_and_pauses_to_save_deadlines():
     late_maker = req("big", size=128, started_steps_left=20, deadline=100.0)  # 16x16 cells: slow step
     urgent = req("u", steps=5, deadline=5 * 0.138 + 0.05)  # on time only if it runs alone
     view = EngineView((urgent,), (late_maker,), step_no=10, last_advance=frozenset({"big"}))
-    with_margin = RoundsPolicy(cost=cost, round_steps=5, margin=0.1).schedule(view, 0.0)
+    with_margin = EdfMhPolicy(cost=cost, round_steps=5, margin=0.1).schedule(view, 0.0)
     assert with_margin.advance == ("big",), "0.74 s stretched by 10% misses 0.74 s: u is set aside"
-    plan = RoundsPolicy(cost=cost, round_steps=5, margin=0.0).schedule(view, 0.0)
+    plan = EdfMhPolicy(cost=cost, round_steps=5, margin=0.0).schedule(view, 0.0)
     assert plan.join == ("u",) and plan.advance == ("u",), "the big request pauses for this round"
     mid = EngineView((urgent,), (late_maker,), step_no=11, last_advance=frozenset({"big"}))
-    plan = RoundsPolicy(cost=cost, round_steps=5).schedule(mid, 0.0)
+    plan = EdfMhPolicy(cost=cost, round_steps=5).schedule(mid, 0.0)
     assert plan.join == () and plan.advance == ("big",), "no change between round boundaries"
 
 
@@ -105,7 +106,7 @@ def test_rounds_sets_aside_the_longest_request_that_would_make_the_plan_late():
     a = req("a", steps=10, deadline=2.0)  # 64 px: 1.38 s alone
     big = req("big", size=128, steps=10, deadline=6.0, arrival=0.01)  # 5.22 s alone
     c = req("c", steps=10, deadline=6.5, arrival=0.02)
-    policy = RoundsPolicy(cost=cost)
+    policy = EdfMhPolicy(cost=cost)
     assert [s.request_id for s in policy.admit([a, big, c], 0.0)[0]] == ["a", "c"]
     plan = policy.schedule(EngineView((a, big, c), ()), 0.0)
     assert plan.drop == () and "big" not in plan.advance
@@ -113,7 +114,7 @@ def test_rounds_sets_aside_the_longest_request_that_would_make_the_plan_late():
     assert plan.advance == ("a",)
     # ... but with room for both, they share the round's steps
     roomy = req("a", steps=10, deadline=3.0)
-    assert RoundsPolicy(cost=cost).schedule(EngineView((roomy, c), ()), 0.0).advance == ("a", "c")
+    assert EdfMhPolicy(cost=cost).schedule(EngineView((roomy, c), ()), 0.0).advance == ("a", "c")
 
 
 def test_finish_times_decode_earliest_deadline_first():
@@ -154,7 +155,7 @@ def test_policy_contract(name):
     """Every policy: advances only running or joining ids, respects the batch budget, joins only
     waiting ids, and never both drops and advances an id."""
     cost = cost_model()
-    policy = make_policy(name, max_batch=3, cost=cost)
+    policy = make_policy(name, max_batch=3, cost=cost, rssp=(((64, 64), 1),))
     running = tuple(req(f"r{i}", started_steps_left=5, deadline=50.0) for i in range(2))
     waiting = tuple(req(f"w{i}", deadline=50.0 if i % 2 else 0.5, arrival=0.01 * i) for i in range(4))
     plan = policy.schedule(EngineView(waiting, running, step_no=0, last_advance=frozenset()), 0.0)
@@ -171,7 +172,7 @@ def test_running_hopeless_request_gets_a_step_budget_in_degrade_mode():
     running = req("r", steps=20, deadline=1.0, started_steps_left=15)  # 5 done; 15 x 0.138 = 2.07 s > 1 s
     # slack: the steps that fit on the bare prediction (5 + 7 x 0.138 <= 1 s); rounds then plans with its
     # 10% margin, and admission cuts one more (6 x 0.138 x 1.1 <= 1 s)
-    for policy, total in ((SlackPolicy, 12), (RoundsPolicy, 11)):
+    for policy, total in ((SlackPolicy, 12), (EdfMhPolicy, 11)):
         plan = policy(cost=cost, on_hopeless="degrade", min_steps=4).schedule(EngineView((), (running,)), 0.0)
         assert plan.drop == () and plan.degrade == (("r", total),) and plan.advance == ("r",)
     plan = SlackPolicy(cost=cost, on_hopeless="drop").schedule(EngineView((), (running,)), 0.0)
@@ -232,11 +233,11 @@ def test_rounds_degrade_shortens_the_longest_instead_of_setting_it_aside():
     a = req("a", steps=10, deadline=2.0)  # 64 px: 1.38 s alone
     big = req("big", size=128, steps=10, deadline=6.0, arrival=0.01)  # 0.522 s a step
     c = req("c", steps=10, deadline=6.5, arrival=0.02)
-    kept, shortened = RoundsPolicy(cost=cost, on_hopeless="degrade", min_steps=4, margin=0.0).admit([a, big, c], 0.0)
+    kept, shortened = EdfMhPolicy(cost=cost, on_hopeless="degrade", min_steps=4, margin=0.0).admit([a, big, c], 0.0)
     # serial plan: 1.38 + 5.22 + 1.38 = 7.98 s; c's deadline 6.5 s: 1.48 s to save, ceil(1.48 / 0.522) = 3 steps
     assert [s.request_id for s in kept] == ["a", "big", "c"] and shortened == {"big": 7}
     assert sum(cost.alone_s(s) for s in kept) <= 6.5
-    kept, shortened = RoundsPolicy(cost=cost, on_hopeless="degrade", min_steps=8, margin=0.0).admit([a, big, c], 0.0)
+    kept, shortened = EdfMhPolicy(cost=cost, on_hopeless="degrade", min_steps=8, margin=0.0).admit([a, big, c], 0.0)
     assert [s.request_id for s in kept] == ["a", "c"] and shortened == {}
-    plan = RoundsPolicy(cost=cost, on_hopeless="degrade", margin=0.0).schedule(EngineView((a, big, c), ()), 0.0)
+    plan = EdfMhPolicy(cost=cost, on_hopeless="degrade", margin=0.0).schedule(EngineView((a, big, c), ()), 0.0)
     assert ("big", 7) in plan.degrade and plan.drop == ()

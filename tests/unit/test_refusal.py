@@ -11,11 +11,12 @@ from tessera.bench.traces import Trace, TraceRequest
 from tessera.options import PolicyName
 from tessera.plan import EngineView
 from tessera.request import GenerationParams, RequestState
-from tessera.scheduler import POLICIES, make_policy
+from tessera.policies import POLICIES, make_policy
 from test_policies import cost_model, req  # the same fake cost model and request builder
 
-DEADLINE_POLICIES = ("slack", "rounds")
-FCFS_POLICIES = ("image-fcfs", "step-fcfs")
+DEADLINE_POLICIES = ("slack", "edf-mh")
+FCFS_POLICIES = ("image-fcfs", "step-fcfs", "fixed")
+DEGREE_POLICIES = ("tetris", "rssp")  # refuse only the hopeless / never (test_degrees.py)
 
 
 def queued(running: bool = False):
@@ -27,7 +28,7 @@ def queued(running: bool = False):
 
 
 def test_refusal_registry_is_covered():
-    assert {p.value for p in POLICIES} == set(DEADLINE_POLICIES + FCFS_POLICIES)
+    assert {p.value for p in POLICIES} == set(DEADLINE_POLICIES + FCFS_POLICIES + DEGREE_POLICIES)
     assert all(isinstance(k, PolicyName) for k in POLICIES)
 
 

@@ -40,7 +40,7 @@ from ..plan import RequestOutput
 from ..predictor import LatencyPredictor
 from ..profile import default_sizes, profile_costs
 from ..request import RequestState
-from ..scheduler import make_policy
+from ..policies import make_policy
 from ..spec import PipelineSpec
 from ..wire import ENTRY_INPUT_NAMES, OUTPUT_IMAGE, OUTPUT_PREVIEW, OUTPUT_STEPS, SERVER_HTTP_ENV, STREAM_INPUTS
 from .common import input_or_none, parameters, setup_logging
