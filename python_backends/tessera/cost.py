@@ -4,6 +4,7 @@ start-up profile; the engine keeps every term current from what it serves."""
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -12,6 +13,43 @@ import numpy as np
 
 from .predictor import STEP_FEATURES, BatchShape, LatencyPredictor
 from .request import RequestState
+
+
+@dataclass
+class DegreeTable:
+    """TetriServe's cost table, as ratios: T(size, k) / T(size, 1) for k = 2, 4, ... workers, per profiled size
+    (rows x latent cells), interpolated in log cells between them and held flat beyond; profiled at start-up
+    (profile.profile_degrees) and refit online from served steps at degree k. Degree 1 is the predictor itself."""
+
+    workers: int = 1
+    ratios: dict[int, list[list[float]]] = field(default_factory=dict)  # k -> sorted [[cells, ratio], ...]
+
+    def degrees(self) -> list[int]:
+        return [1] + sorted(k for k in self.ratios if k <= self.workers)
+
+    def ratio(self, k: int, cells: float) -> float:
+        if k == 1:
+            return 1.0
+        points = self.ratios.get(k)
+        if not points:
+            return float("inf")  # not profiled: never planned
+        xs = np.log([max(c, 1.0) for c, _ in points])
+        return float(np.interp(np.log(max(cells, 1.0)), xs, [r for _, r in points]))
+
+    def observe(self, k: int, cells: float, ratio: float, alpha: float = 0.1) -> None:
+        """A served step at degree k: its measured time over the predictor's degree-1 time, into the nearest point."""
+        points = self.ratios.get(k)
+        if not points or not math.isfinite(ratio) or ratio <= 0:
+            return
+        near = min(points, key=lambda p: abs(math.log(max(p[0], 1.0)) - math.log(max(cells, 1.0))))
+        near[1] += alpha * (ratio - near[1])
+
+    def to_json(self) -> dict:
+        return {"workers": self.workers, "ratios": {str(k): v for k, v in self.ratios.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> DegreeTable:
+        return cls(int(data["workers"]), {int(k): [list(p) for p in v] for k, v in data["ratios"].items()})
 
 
 @dataclass
@@ -30,6 +68,7 @@ class CostModel:
     gaps: int = 0  # gaps observed, and their total (for the long-run mean)
     gap_total_s: float = 0.0
     finishes: deque = field(default_factory=lambda: deque(maxlen=64))  # recent (latent cells, seconds)
+    degrees: DegreeTable = field(default_factory=DegreeTable)  # denoiser workers and T(size, k) (issue 16)
 
     def observe_gap(self, seconds: float, alpha: float = 0.05) -> None:
         seconds = max(seconds, 0.0)
@@ -92,7 +131,39 @@ class CostModel:
                                                       if a), control_cells=control)
 
     def step_s(self, states) -> float:
-        return self.predictor.predict(self.shape(states)) + self.gap_s if states else 0.0
+        """One engine step of `states`: with several denoiser workers, each at degree 1 on the worker the
+        least-work placement gives it (the step lasts as long as its slowest worker)."""
+        if not states:
+            return 0.0
+        if self.degrees.workers == 1 or len(states) == 1:
+            return self.predictor.predict(self.shape(states)) + self.gap_s
+        return max(self.group_s(g) for g in balance(states, self.degrees.workers, self.group_s) if g) + self.gap_s
+
+    def group_s(self, states, k: int = 1, adapted: Sequence[bool] | None = None) -> float:
+        """The denoiser time of `states` batched on one set of k workers (no loop gap); `adapted` as in shape."""
+        return self.predictor.predict(self.shape(states, adapted)) * self.degrees.ratio(k, self.row_cells(states))
+
+    def step_at(self, s: RequestState, k: int) -> float:
+        """One step of `s` alone at degree k (TetriServe's T_i(k)), loop gap included."""
+        return self.group_s([s], k) + self.gap_s
+
+    def row_cells(self, states) -> int:
+        return sum(h * w * r for h, w, r in self.shape(states).requests)
+
+    def observe_step(self, groups, measured_s: float) -> None:
+        """Learn from a served step: `groups` = [(states, adapted, k)], one per worker set that ran. One group at
+        degree 1 refits the predictor; one group at degree k > 1 the degree table; several groups ran at once
+        (the step is their slowest): not attributable, not learned."""
+        if len(groups) != 1:
+            return
+        states, adapted, k = groups[0]
+        shape = self.shape(states, adapted)
+        if k == 1:
+            self.predictor.observe(shape, measured_s)
+        else:
+            base = self.predictor.predict(shape)
+            if base > 0:
+                self.degrees.observe(k, self.row_cells(states), measured_s / base)
 
     def finish_s(self, s: RequestState) -> float:
         return self.finish_base_s + self.finish_s_per_cell * self.cells(s)
@@ -130,3 +201,15 @@ class CostModel:
                 t += self.finish_s(s)
                 out[s.request_id] = t
         return out
+
+
+def balance(states, workers: int, time_of) -> list[list]:
+    """Least predicted work: requests longest first, each onto the worker whose predicted time is least so far
+    (LPT); returns one list per worker. `time_of(list of states)` predicts a worker's batch."""
+    groups: list[list] = [[] for _ in range(workers)]
+    loads = [0.0] * workers
+    for s in sorted(states, key=lambda s: -time_of([s])):
+        w = min(range(workers), key=lambda i: (loads[i], i))
+        groups[w].append(s)
+        loads[w] = time_of(groups[w])
+    return groups

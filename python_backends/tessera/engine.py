@@ -33,6 +33,7 @@ from .early_exit import ExitRule
 from .errors import CancelledError, DeadlineUnreachableError, RequestFailedError
 from .interfaces import Denoiser, Pipeline
 from .options import LastStep
+from .placement import OneWorker, groups_of
 from .plan import EngineView, RequestOutput, StepPlan, StepRecord
 from .request import FinishReason, RequestState
 from .scheduler import Policy
@@ -46,7 +47,7 @@ class Engine:
     def __init__(self, pipeline: Pipeline, denoiser: Denoiser, policy: Policy, cost: CostModel | None = None,
                  slo_scale: float = 5.0, clock: Callable[[], float] = time.monotonic,
                  exit_rule: ExitRule | None = None, early_exit: bool = False, history: int = 10_000,
-                 adapters=None):
+                 adapters=None, placer=None):
         self.pipeline = pipeline
         self.denoiser = denoiser
         self.policy = policy
@@ -56,6 +57,8 @@ class Engine:
         self.exit_rule = exit_rule or ExitRule()  # early exit: the server's rule ...
         self.early_exit = early_exit  # ... and whether it applies to requests that do not say
         self.adapters = adapters or NoAdapters()  # per-request adapters (adapters.py): admit, gate, release
+        self.placer = placer or OneWorker()  # which denoiser workers run whom (placement.py; one worker: none)
+        self.last_places: dict[str, tuple[int, ...]] = {}
         self.waiting: dict[str, RequestState] = {}
         self.running: dict[str, RequestState] = {}
         self.records: deque[StepRecord] = deque(maxlen=history)
@@ -112,12 +115,13 @@ class Engine:
 
     def view(self) -> EngineView:
         return EngineView(tuple(self.waiting.values()), tuple(self.running.values()), self.step_no,
-                          self.last_advance)
+                          self.last_advance, tuple(self.last_places.items()), self.placer.workers)
 
     def snapshot(self) -> EngineView:
         """The view with frozen copies: for planning on another thread (early refusal) while steps run."""
         return EngineView(tuple(s.frozen() for s in self.waiting.values()),
-                          tuple(s.frozen() for s in self.running.values()), self.step_no, self.last_advance)
+                          tuple(s.frozen() for s in self.running.values()), self.step_no, self.last_advance,
+                          tuple(self.last_places.items()), self.placer.workers)
 
     # -- the step ------------------------------------------------------------------------------------
     def step(self, emit: Emit | None = None) -> list[RequestOutput]:
@@ -145,8 +149,10 @@ class Engine:
             # the plan's members stay members while the adapters make some sit a step out (rounds keeps them)
             self.last_advance = frozenset(rid for rid in plan.advance if rid in self.running)
             involved = tuple(s.request_id for s in gate.step)  # who sat the step out did not run: not failed
+            places = self.placer.place(list(gate.step), dict(plan.place))  # (3b) which workers run whom
+            self.last_places = dict(zip((s.request_id for s in gate.step), places or (), strict=False))
             if gate.step:
-                self._advance(list(gate.step), gate.rows, gate.controls, now_s, put)  # (3)-(6)
+                self._advance(list(gate.step), gate.rows, gate.controls, places, now_s, put)  # (3)-(6)
         except Exception as e:  # noqa: BLE001 - the step's requests are answered, the engine goes on
             self._fail_step(involved, e, put)
         if self.has_work():
@@ -189,16 +195,16 @@ class Engine:
             state.joined_s = now_s
             self.running[rid] = self.waiting.pop(rid)
 
-    def _advance(self, batch: list[RequestState], rows, controls, now_s: float, put: Emit) -> None:
+    def _advance(self, batch: list[RequestState], rows, controls, places, now_s: float, put: Emit) -> None:
         before = tuple(s.step_index for s in batch)
         adapted = [bool(a) for a in rows] if rows is not None else [False] * len(batch)
-        shape = self.cost.shape(batch, adapted) if self.cost is not None else None
-        predicted = self.cost.predictor.predict(shape) if shape is not None else None
+        groups = groups_of(batch, adapted, places)  # one per worker set (one group on one worker)
+        predicted = max(self.cost.group_s(g, k, a) for g, a, k in groups) if self.cost is not None else None
         t0 = self.clock()
         # (3) one executor run for every advancing request (if it raises, the step fails as a whole)
         preds, stats = self.denoiser.run([self.pipeline.denoiser_inputs(s.run) for s in batch],
                                          list(rows) if rows is not None else None,
-                                         list(controls) if controls is not None else None)
+                                         list(controls) if controls is not None else None, places)
         # (4) each request's sampler update and the early-exit rule; a failure fails that request alone
         for s, pred in zip(batch, preds, strict=True):
             try:
@@ -207,8 +213,8 @@ class Engine:
             except Exception as e:  # noqa: BLE001
                 put(self._fail(self.running.pop(s.request_id), "sampler update", e))
         measured = self.clock() - t0
-        if shape is not None:
-            self.cost.predictor.observe(shape, measured)
+        if self.cost is not None:
+            self.cost.observe_step(groups, measured)
         end_s = self.clock()
         # (6) the StepRecord, written before anyone is answered: a final's metrics include its own last step
         self.records.append(StepRecord(

@@ -75,10 +75,10 @@ class FaultyDenoiser:
         self.denoiser = denoiser
 
     def run(self, items: list[Inputs], adapters: list[Any] | None = None,
-            controls: list[Any] | None = None) -> tuple[list[Any], CallStats]:
+            controls: list[Any] | None = None, places: list | None = None) -> tuple[list[Any], CallStats]:
         if any(_STEP_KEY in it for it in items):
             raise InjectedFault(f"injected: denoiser failure on a step of {len(items)} requests")
-        return self.denoiser.run(items, adapters, controls)
+        return self.denoiser.run(items, adapters, controls, places)
 
 
 def inject(pipeline: Pipeline, denoiser: Denoiser) -> tuple[Pipeline, Denoiser]:

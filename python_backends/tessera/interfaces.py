@@ -43,10 +43,11 @@ class Denoiser(Protocol):
     """Runs one denoising step for many requests at once (executors.denoise)."""
 
     def run(self, items: list[Inputs], adapters: list[Any] | None = None,
-            controls: list[Any] | None = None) -> tuple[list[Any], CallStats]:
+            controls: list[Any] | None = None, places: list | None = None) -> tuple[list[Any], CallStats]:
         """`adapters`: per item, its (loaded adapter, scale) pairs for this step (None: nobody has any);
         `controls`: per item, its controlnet.ControlCall or None (None: nobody has a ControlNet; only
-        executors.control.ControlDenoiser takes them)."""
+        executors.control.ControlDenoiser takes them); `places`: per item, the denoiser workers that run it
+        (None: one worker; only executors.workers.PooledDenoiser has several)."""
         ...
 
 

@@ -19,6 +19,8 @@ class EngineView:
     step_no: int = 0
     last_advance: frozenset[str] = frozenset()  # ids the previous step's plan advanced (adapters may have
     # set some aside for that step: they stay members of the round)
+    places: tuple[tuple[str, tuple[int, ...]], ...] = ()  # the previous step's worker sets (several workers)
+    workers: int = 1  # the engine's denoiser workers
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +32,8 @@ class StepPlan:
     drop: tuple[tuple[str, str], ...] = ()  # (request id, reason): answered at once, never run
     degrade: tuple[tuple[str, int], ...] = ()  # (request id, fewer total steps): waiting ones re-spaced before
     # joining; running ones end after that many steps with "one last step" straight to t = 0
+    place: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (request id, its workers): degree-choosing policies;
+    # advancing requests not named here are placed by the engine's placer at degree 1
 
     @classmethod
     def make_empty(cls) -> StepPlan:

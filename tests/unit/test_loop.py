@@ -17,7 +17,7 @@ from tessera.loop import EngineLoop
 from tessera.plan import EngineView
 from tessera.predictor import LatencyPredictor
 from tessera.request import FinishReason, GenerationParams, RequestState
-from tessera.scheduler import RoundsPolicy, StepFcfsPolicy
+from tessera.scheduler import EdfMhPolicy, StepFcfsPolicy
 
 WAIT_S = 5.0  # generous timeouts for threads: a test that passes never waits this long
 
@@ -55,7 +55,7 @@ class Sink:
 
 
 class _Denoiser(_SimDenoiser):
-    def run(self, items, adapters=None, controls=None):  # FaultyDenoiser looks into each item's inputs: give it dicts
+    def run(self, items, adapters=None, controls=None, places=None):  # FaultyDenoiser looks into each item's inputs: give it dicts
         return super().run([it["sample"] for it in items])
 
 
@@ -225,7 +225,7 @@ def test_loop_gap_engine_idle_resets_gap_tracking():
 def rounds_engine(cost: CostModel) -> Engine:
     """rounds on the virtual pipeline, its clock standing at 0 (every request arrives at 0)."""
     clock = VirtualClock()
-    return Engine(_SimPipeline(clock, cost), _SimDenoiser(clock, cost), RoundsPolicy(cost=cost), cost=cost,
+    return Engine(_SimPipeline(clock, cost), _SimDenoiser(clock, cost), EdfMhPolicy(cost=cost), cost=cost,
                   clock=clock)
 
 

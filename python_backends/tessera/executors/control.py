@@ -57,7 +57,8 @@ class ControlDenoiser:
             return self.calls, self.decoder_wait_s
 
     def run(self, items: list[Inputs], adapters: list | None = None,
-            controls: list[ControlCall | None] | None = None) -> tuple[list[np.ndarray], CallStats]:
+            controls: list[ControlCall | None] | None = None,
+            places: list | None = None) -> tuple[list[np.ndarray], CallStats]:
         if adapters is not None and any(adapters):
             raise RuntimeError("adapters: LoRA together with ControlNets is not served yet")
         if controls is None or not any(c is not None for c in controls):

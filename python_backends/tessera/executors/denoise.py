@@ -53,7 +53,7 @@ class ConcatDenoiser:
         self.call = call
 
     def run(self, items: list[Inputs], adapters: list | None = None,
-            controls: list | None = None) -> tuple[list[np.ndarray], CallStats]:
+            controls: list | None = None, places: list | None = None) -> tuple[list[np.ndarray], CallStats]:
         no_controlnets(controls, "concat")
         groups: dict[tuple, list[int]] = {}
         for i, it in enumerate(items):
@@ -169,7 +169,7 @@ class PatchDenoiser:
         self.model, self.family, self.multiple, self.patch_size = model, family, multiple, patch_size
 
     def run(self, items: list[Inputs], adapters: list | None = None,
-            controls: list | None = None) -> tuple[list[np.ndarray], CallStats]:
+            controls: list | None = None, places: list | None = None) -> tuple[list[np.ndarray], CallStats]:
         no_controlnets(controls, "patches")
         if adapters is not None and any(adapters):
             raise RuntimeError("adapters: exact patches cannot apply LoRA yet (needs denoise_mode concat)")
@@ -221,7 +221,7 @@ class TiledDenoiser:
         self.call, self.tile, self.overlap = call, tile, overlap
 
     def run(self, items: list[Inputs], adapters: list | None = None,
-            controls: list | None = None) -> tuple[list[np.ndarray], CallStats]:
+            controls: list | None = None, places: list | None = None) -> tuple[list[np.ndarray], CallStats]:
         no_controlnets(controls, "tiled")
         if adapters is not None and any(adapters):
             raise RuntimeError("adapters: tiles cannot apply LoRA yet (needs denoise_mode concat)")
