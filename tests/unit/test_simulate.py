@@ -65,7 +65,7 @@ def test_engine_emits_each_finish_before_the_next_decode():
     from tessera.engine import Engine
     from tessera.request import RequestState
     from tessera.request import GenerationParams
-    from tessera.scheduler import make_policy
+    from tessera.policies import make_policy
 
     events = []
 
@@ -100,7 +100,7 @@ def test_profile_runs_the_biggest_step_first_untimed_and_fits_the_virtual_costs(
     calls = []
 
     class Denoiser(_SimDenoiser):
-        def run(self, runs, adapters=None):
+        def run(self, runs, adapters=None, controls=None, places=None):
             calls.append(sorted((r.params.height, r.params.width) for r in runs))
             return super().run(runs)
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field, replace
 from ..cost import CostModel
 from ..engine import Engine
 from ..interfaces import CallStats
-from ..options import EarlyRefusal
+from ..options import EarlyRefusal, Placement
+from ..placement import groups_of, make_placer
 from ..request import FinishReason, GenerationParams, RequestState
-from ..scheduler import make_policy
+from ..policies import make_policy
 from .traces import Trace
 
 
@@ -69,12 +70,16 @@ class _SimPipeline:
 
 
 class _SimDenoiser:
+    """The denoiser's time only: the predictor's, or with several workers the slowest worker set's (each set
+    batched, at its degree's T(size, k) from the cost table), as the served workers step together."""
+
     def __init__(self, clock: VirtualClock, cost: CostModel):
         self.clock, self.cost = clock, cost
 
-    def run(self, runs, adapters=None, controls=None):
+    def run(self, runs, adapters=None, controls=None, places=None):
         states = [RequestState("x", r.params, 0.0) for r in runs]
-        self.clock.t += self.cost.predictor.predict(self.cost.shape(states))  # the denoiser's time only
+        groups = groups_of(states, [False] * len(states), places)
+        self.clock.t += max(self.cost.group_s(g, k) for g, _, k in groups)
         n = len(runs)
         return [None] * n, CallStats((n,), (len({(r.params.height, r.params.width) for r in runs}),), (n,))
 
@@ -115,13 +120,17 @@ class SimResult:
 def simulate(trace: Trace, policy: str, cost: CostModel, slo_ms: dict, instances: int = 1, max_batch: int = 16,
              on_hopeless: str = "drop", round_steps: int = 5, guidance: float = 5.0, margin: float = 0.1,
              charge_policy: bool = True, gap_s: float | None = None, min_steps: int = 4,
-             early_refusal: EarlyRefusal | str = EarlyRefusal.ON) -> list[SimResult]:
+             early_refusal: EarlyRefusal | str = EarlyRefusal.ON, workers: int = 1,
+             placement: Placement | str = Placement.LEAST_WORK, fixed_degree: int = 1,
+             rssp: tuple = ()) -> list[SimResult]:
     """charge_policy: the policy's own compute time (measured on this host while simulating) advances the
     virtual clock, as it holds the real engine loop (slack's schedulability tests grow with the queue).
     gap_s: the loop's time between engine steps (responses, admissions), as the served engine measured it
     (tessera_step_gap_seconds_total over tessera_step_gaps_total; default: the cost model's); the virtual loop spends it after every busy step.
     early_refusal: each arrival is first tested by the policy's refuse() against its instance's plan, as the
-    served engine model does at admission."""
+    served engine model does at admission.
+    workers: denoiser workers per engine instance (issue 16), stepping together with the cost table's T(size, k);
+    `placement`, `fixed_degree`, `rssp` as the engine's settings."""
     gap_s = cost.gap_s if gap_s is None else gap_s
     early_refusal = EarlyRefusal.parse("early_refusal", early_refusal)  # the served engine's default: on
     clocks = [VirtualClock() for _ in range(instances)]
@@ -132,12 +141,16 @@ def simulate(trace: Trace, policy: str, cost: CostModel, slo_ms: dict, instances
         # seen so far (a cost model rebuilt from served terms has no profile samples) drifts elsewhere.
         predictor = copy.deepcopy(cost.predictor)
         predictor.refit_every = math.inf
+        degrees = replace(copy.deepcopy(cost.degrees), workers=workers)
+        degrees.observe = lambda *a, **k: None  # as the predictor: the table never refits on its own predictions
         sim_cost = replace(cost, predictor=predictor, gap_s=gap_s, gaps=0, gap_total_s=0.0,
-                           finishes=copy.deepcopy(cost.finishes))
+                           finishes=copy.deepcopy(cost.finishes), degrees=degrees)
         pol = make_policy(policy, max_batch=max_batch, cost=sim_cost, on_hopeless=on_hopeless,
-                          round_steps=round_steps, margin=margin, min_steps=min_steps, early_refusal=early_refusal)
+                          round_steps=round_steps, margin=margin, min_steps=min_steps, early_refusal=early_refusal,
+                          workers=workers, fixed_degree=fixed_degree, rssp=rssp)
         pol = _Timed(pol, c) if charge_policy else pol
-        engines.append(Engine(_SimPipeline(c, sim_cost), _SimDenoiser(c, sim_cost), pol, cost=sim_cost, clock=c))
+        engines.append(Engine(_SimPipeline(c, sim_cost), _SimDenoiser(c, sim_cost), pol, cost=sim_cost, clock=c,
+                              placer=make_placer(workers, placement, sim_cost)))
     results: dict[str, SimResult] = {}
     arrivals = list(enumerate(trace.requests))
     pos = 0

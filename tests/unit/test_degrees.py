@@ -1,0 +1,189 @@
+"""Degree-choosing policies (issue 16): TetriServe's allocation and group-knapsack DP, the tetris round, fixed
+and RSSP baselines, the placers, the degree table, and the simulator on several virtual workers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tessera.cost import CostModel, DegreeTable, balance
+from tessera.degrees import FixedDegreePolicy, TetrisPolicy, allocation, free_block, knapsack, parse_rssp
+from tessera.engine import Engine
+from tessera.errors import ConfigError
+from tessera.placement import LeastWork, RoundRobin, groups_of
+from tessera.plan import EngineView
+from tessera.predictor import LatencyPredictor
+from tessera.policies import make_policy
+
+
+
+def req(rid, size=64, steps=10, arrival=0.0, deadline=math.inf):
+    from tessera.request import GenerationParams, RequestState
+
+    s = RequestState(rid, GenerationParams("x", "", size, size, steps, 5.0, 0), arrival)
+    s.deadline_s, s.isolated_s = deadline, 1.0
+    return s
+
+
+def pool_cost(workers=2, per_cell=0.0001, base=0.001, ratio_small=0.95, ratio_big=0.55) -> CostModel:
+    """Step at degree 1 = base + per_cell x cells x rows (256 px: 0.2058 s, 64 px: 0.0138 s); at degree 2 x0.95
+    for 64 px, x0.55 for 256 px."""
+    p = LatencyPredictor()
+    p.coef = np.array([base, per_cell, 0.0, 0.0, 0.0, 0.0, 0.0])
+    table = DegreeTable(workers, {k: [[128.0, ratio_small], [2048.0, ratio_big]] for k in (2, 4, 8) if k <= workers})
+    return CostModel(p, vae_factor=8, degrees=table)
+
+
+def test_allocation_least_worker_time_mix_of_adjacent_degrees():
+    times = {1: 1.0, 2: 0.6, 4: 0.4}
+    assert allocation(10, times, 20.0) == [(1, 10)]  # degree 1 meets it: cheapest
+    # 10 steps in 8 s: n_hi = ceil((10 - 8) / 0.4) = 5 at degree 2, 5 at degree 1 (8.0 s; 5 + 6 = 11 worker-s)
+    assert allocation(10, times, 8.0) == [(1, 5), (2, 5)]
+    assert allocation(10, times, 6.0) == [(2, 10)]  # exactly degree 2 throughout
+    parts = allocation(10, times, 5.0)  # between degrees 2 and 4
+    assert [k for k, _ in parts] == [2, 4] and sum(n for _, n in parts) == 10
+    assert sum(n * times[k] for k, n in parts) <= 5.0
+    assert allocation(10, times, 3.9) is None  # even degree 4 throughout takes 4 s
+
+
+def test_knapsack_maximises_survivors_within_capacity():
+    # three requests on 2 workers: a survives only at width 2, b and c only at width 1 each
+    options = [[(0, 0), (2, 1000)], [(0, 0), (1, 1000)], [(0, 0), (1, 1000)]]
+    assert knapsack(options, 2) == [0, 1, 1]  # b and c (2 survivors) beat a alone (1)
+    assert knapsack(options, 4) == [1, 1, 1]
+    assert knapsack([[(0, 0), (1, 5)], [(0, 7), (1, 3)]], 1) == [1, 0]
+    assert knapsack([], 8) == []
+
+
+def test_knapsack_64_requests_8_workers_is_optimal_against_brute_force_on_small_cases():
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        n, cap = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+        options = [[(0, int(rng.integers(0, 2)) * 1000)] + [(int(w), int(rng.integers(0, 2)) * 1000 + 100 - int(w))
+                                                           for w in rng.choice([1, 2, 4], size=2, replace=False)]
+                   for _ in range(n)]
+        chosen = knapsack(options, cap)
+        assert sum(options[i][j][0] for i, j in enumerate(chosen)) <= cap
+        value = sum(options[i][j][1] for i, j in enumerate(chosen))
+        best = -math.inf
+        for combo in np.ndindex(*[len(o) for o in options]):
+            if sum(options[i][j][0] for i, j in enumerate(combo)) <= cap:
+                best = max(best, sum(options[i][j][1] for i, j in enumerate(combo)))
+        assert value == best
+
+
+def test_free_block_prefers_last_place_and_aligned_blocks():
+    assert free_block(2, 4, set()) == (0, 1)
+    assert free_block(2, 4, {0}) == (2, 3)
+    assert free_block(2, 4, {1, 2}) is None  # (1, 2) is not aligned
+    assert free_block(1, 4, {0}, prefer=(3,)) == (3,)
+    assert free_block(1, 4, {3}, prefer=(3,)) == (0,)
+
+
+def test_degree_table_interpolates_and_learns():
+    t = DegreeTable(2, {2: [[100.0, 0.9], [10_000.0, 0.5]]})
+    assert t.degrees() == [1, 2]
+    assert t.ratio(1, 5.0) == 1.0 and t.ratio(4, 100.0) == math.inf
+    assert t.ratio(2, 1_000.0) == pytest.approx(0.7)  # halfway in log cells
+    assert t.ratio(2, 10.0) == 0.9 and t.ratio(2, 1e6) == 0.5
+    t.observe(2, 9_000.0, 0.6, alpha=0.5)
+    assert t.ratios[2][1][1] == pytest.approx(0.55)
+    assert DegreeTable.from_json(t.to_json()) == t
+
+
+def test_tetris_gives_the_large_request_two_workers_and_keeps_them_for_the_round():
+    cost = pool_cost()
+    big = req("big", size=256, steps=10, deadline=0.0)  # 32x32 cells x 2 rows: 2.058 s alone, 1.13 s at degree 2
+    big.deadline_s = 1.2  # only degree 2 throughout makes it (at 1.5 s: 3 steps at degree 1 first, then 2)
+    small = req("small", size=64, steps=10, deadline=100.0)
+    pol = TetrisPolicy(cost, round_steps=5, margin=0.0)
+    plan = pol.schedule(EngineView((big, small), ()), 0.0)
+    assert dict(plan.place) == {"big": (0, 1)}  # the small one waits: it survives a round's wait
+    assert plan.join == ("big",)
+    # inside the round: the same members on the same workers, nobody joins
+    big.run = type("R", (), {"steps_left": 9, "step_index": 1, "done": False})()  # running, 1 step done
+    view = EngineView((small,), (big,), step_no=1, last_advance=frozenset({"big"}), places=(("big", (0, 1)),), workers=2)
+    plan = pol.schedule(view, 0.2)
+    assert plan.advance == ("big",) and dict(plan.place) == {"big": (0, 1)} and plan.join == ()
+
+
+def test_tetris_small_requests_stay_at_degree_one_and_leftover_workers_scale_up():
+    cost = pool_cost(workers=4)
+    a, b = req("a", size=64, steps=10, deadline=30.0), req("b", size=256, steps=10, deadline=30.0)
+    plan = TetrisPolicy(cost, margin=0.0).schedule(EngineView((a, b), ()), 0.0)
+    place = dict(plan.place)
+    assert len(place["a"]) == 1  # 64 px gains 5% from degree 2: not worth a worker
+    assert len(place["b"]) >= 2  # the large one takes the leftover workers (elastic scale-up)
+    assert not set(place["a"]) & set(place["b"])
+
+
+def test_tetris_drops_only_requests_hopeless_at_their_fastest_degree():
+    cost = pool_cost()
+    pol = TetrisPolicy(cost, margin=0.0)
+    saved = req("s", size=256, steps=10, deadline=1.5)  # hopeless at degree 1 (2.06 s), fine at 2 (1.14 s)
+    lost = req("l", size=256, steps=10, deadline=1.0)
+    plan = pol.schedule(EngineView((saved, lost), ()), 0.0)
+    assert [d for d, _ in plan.drop] == ["l"] and "s" in plan.advance
+    assert pol.refuse(EngineView((), ()), lost, 0.0) is not None
+    assert pol.refuse(EngineView((), ()), saved, 0.0) is None
+
+
+def test_fixed_degree_is_first_come_first_served_without_preemption():
+    pol = FixedDegreePolicy(workers=2, degree=1)
+    w = tuple(req(f"w{i}", arrival=0.1 * i) for i in range(3))
+    plan = pol.schedule(EngineView(w, ()), 0.0)
+    assert plan.join == ("w0", "w1") and dict(plan.place) == {"w0": (0,), "w1": (1,)}
+    rssp = FixedDegreePolicy(workers=2, degree=1, per_size={(256, 256): 2})
+    big, small = req("big", size=256), req("small", size=64)
+    assert dict(rssp.schedule(EngineView((big, small), ()), 0.0).place) == {"big": (0, 1)}  # small waits behind it
+    assert dict(rssp.schedule(EngineView((small, big), ()), 0.0).place) == {"small": (0,)}
+    with pytest.raises(ConfigError, match="fixed_degree"):
+        FixedDegreePolicy(workers=2, degree=3)
+
+
+def test_parse_rssp_names_the_setting():
+    assert parse_rssp("512x512:2, 256x256:1") == (((512, 512), 2), ((256, 256), 1))
+    with pytest.raises(ConfigError, match="rssp"):
+        parse_rssp("512:2")
+    with pytest.raises(ConfigError, match="rssp"):
+        make_policy("rssp", workers=2)
+
+
+def test_least_work_balances_and_round_robin_keeps_turns():
+    cost = pool_cost()
+    states = [req("big", size=256), req("s1"), req("s2"), req("s3")]
+    places = LeastWork(2, cost).place(states, {})
+    by = dict(zip([s.request_id for s in states], places, strict=True))
+    assert by["big"] == (0,) and {by["s1"], by["s2"], by["s3"]} == {(1,)}  # the big one alone on a worker
+    rr = RoundRobin(2)
+    assert rr.place(states, {}) == [(0,), (1,), (0,), (1,)]
+    assert rr.place(states[::-1], {}) == [(1,), (0,), (1,), (0,)]  # kept where first placed
+    assert LeastWork(2, cost).place(states, {"big": (0, 1)})[0] == (0, 1)
+    groups = groups_of(states, [False] * 4, places)
+    assert sorted(len(g) for g, _, _ in groups) == [1, 3] and all(k == 1 for _, _, k in groups)
+
+
+def test_cost_step_with_workers_is_the_slowest_balanced_worker():
+    one, two = pool_cost(workers=1), pool_cost(workers=2)
+    a, b = req("a", size=256), req("b", size=256)
+    assert two.step_s([a, b]) == pytest.approx(one.step_s([a]))  # one each, side by side
+    assert one.step_s([a, b]) > 1.9 * two.step_s([a, b]) - 0.02
+    assert two.step_at(a, 2) == pytest.approx(one.step_s([a]) * 0.55)
+    assert [len(g) for g in balance([a, b, req("c")], 2, two.group_s)] == [2, 1]
+
+
+def test_simulated_engine_on_two_workers_runs_tetris_plans():
+    """The simulator's engine with 2 virtual workers: a large request runs at degree 2 (its steps take the
+    table's time), every request is answered, and the placements are recorded."""
+    from tessera.bench.simulate import simulate
+    from tessera.bench.traces import Trace, TraceRequest
+
+    cost = pool_cost()
+    trace = Trace("test", {}, (TraceRequest(0.0, 256, 256, 10, 0), TraceRequest(0.01, 64, 64, 10, 1)))
+    slo = {(256, 256): 1500.0, (64, 64): 3000.0}
+    res = simulate(trace, "tetris", cost, slo, workers=2, charge_policy=False, gap_s=0.0)
+    assert [r.status for r in res] == ["ok", "ok"] and all(r.met for r in res)
+    fixed = simulate(trace, "fixed", cost, slo, workers=2, charge_policy=False, gap_s=0.0)
+    assert not fixed[0].met  # degree 1 for the large one: 2.06 s > 1.5 s
