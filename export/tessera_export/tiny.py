@@ -55,8 +55,14 @@ def _vae(seed: int, sd3: bool):
     )
 
 
-def build_tiny(out_dir: str | Path, kind: str = "unet", seed: int = 0, progress=print) -> Path:
-    """Build and save a tiny pipeline; returns its directory. Deterministic for a given seed."""
+DIT_TINY = (2, 4, 8)  # (layers, attention heads, head dim) of the tiny DiT the tests use
+
+
+def build_tiny(out_dir: str | Path, kind: str = "unet", seed: int = 0, progress=print,
+               dit: tuple[int, int, int] = DIT_TINY) -> Path:
+    """Build and save a tiny pipeline; returns its directory. Deterministic for a given seed. `dit`: the
+    transformer's (layers, heads, head dim) for kind="dit" (larger for benchmarks where the step must outweigh
+    the workers' communication, perf/instances.py)."""
     from diffusers import (
         DDIMScheduler,
         FlowMatchEulerDiscreteScheduler,
@@ -112,10 +118,10 @@ def build_tiny(out_dir: str | Path, kind: str = "unet", seed: int = 0, progress=
             patch_size=2,
             in_channels=4,
             out_channels=4,
-            num_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=4,
-            caption_projection_dim=32,
+            num_layers=dit[0],
+            attention_head_dim=dit[2],
+            num_attention_heads=dit[1],
+            caption_projection_dim=dit[1] * dit[2],
             joint_attention_dim=2 * TEXT_HIDDEN,
             pooled_projection_dim=2 * TEXT_HIDDEN,
         )

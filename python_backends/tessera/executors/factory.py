@@ -15,10 +15,14 @@ log = logging.getLogger(__name__)
 
 
 def load_torch_denoiser(spec: PipelineSpec, repo: str | Path):
+    return load_denoiser_module(Path(repo) / spec.torch_denoiser, spec.family)
+
+
+def load_denoiser_module(path: Path, family: Family):
+    """The diffusers denoiser saved at `path` (UNet2DConditionModel or SD3Transformer2DModel), in eval mode."""
     import diffusers
 
-    path = Path(repo) / spec.torch_denoiser
-    cls = getattr(diffusers, "UNet2DConditionModel" if spec.family is Family.SD else "SD3Transformer2DModel")
+    cls = getattr(diffusers, "UNet2DConditionModel" if family is Family.SD else "SD3Transformer2DModel")
     return cls.from_pretrained(path).eval()
 
 
