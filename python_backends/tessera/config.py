@@ -5,17 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from .errors import ConfigError
-from .options import (CfgParallel, ControlMode, DenoiseMode, EarlyRefusal, Executor, LastStep, LoraBatching, OnHopeless, Option, PolicyName,
-                      Runtime, Switch)
+from .options import (CfgParallel, ControlMode, DenoiseMode, EarlyRefusal, Executor, LastStep, LoraBatching, OnHopeless, Option, Placement,
+                      PolicyName, Runtime, Switch)
 
 OPTIONS: dict[str, type[Option]] = {c.__name__: c for c in (CfgParallel, ControlMode, DenoiseMode, EarlyRefusal, Executor, LastStep, LoraBatching,
-                                                            OnHopeless, PolicyName, Runtime, Switch)}
+                                                            OnHopeless, Placement, PolicyName, Runtime, Switch)}
 
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     policy: PolicyName = PolicyName.EDF_MH
-    """Request scheduling policy (policies.POLICIES); rounds holds deadlines best in every benchmark here."""
+    """Request scheduling policy (policies.POLICIES): image-fcfs, step-fcfs, slack, edf-mh (was `rounds`; it holds
+    deadlines best on one denoiser worker), and over several workers tetris, fixed, rssp (docs/instances.md)."""
     max_batch: int = 16
     """Most requests advanced in one step."""
     max_in_flight: int = 256
@@ -96,6 +97,17 @@ class EngineConfig:
     """ControlNet service: ControlNets kept resident (LRU; ones in use are never evicted)."""
     controlnet_cache_mb: int = 1024
     """... and the bytes they may hold."""
+    denoiser_workers: int = 1
+    """Denoiser worker processes the engine owns (issue 16, docs/instances.md), joined by torch.distributed (gloo
+    on CPU; NCCL, one GPU each, where the host has that many): a request runs on one worker or, at degree k, on k
+    (sequence-parallel DiT, CFG-split UNet). > 1 needs denoiser_runtime=torch, denoise_mode=concat, no adapters."""
+    placement: Placement = Placement.LEAST_WORK
+    """With denoiser_workers > 1, for policies that do not choose degrees: least-work puts each request on the
+    worker with the least predicted work this step (QoS-Diff); round-robin on the next worker, kept there."""
+    fixed_degree: int = 1
+    """policy=fixed: every request's degree (a power of two <= denoiser_workers)."""
+    rssp: str = ""
+    """policy=rssp: the degree per resolution, 'HxW:k,HxW:k' (other sizes at 1)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -127,7 +139,15 @@ class EngineConfig:
                               f"{self.lora_cache_mb}, {self.lora_k}, {self.lora_load_delay_ms}")
         if self.controlnet_cache_mb < 0:
             raise ConfigError(f"controlnet_cache_mb: allowed >= 0, got {self.controlnet_cache_mb}")
-        for name in ("max_batch", "max_in_flight", "controlnet_cache", "intra_op_threads", "tile_size", "min_steps", "round_steps"):
+        if self.denoiser_workers > 1 and (self.denoiser_runtime is not Runtime.TORCH or self.denoise_mode is not DenoiseMode.CONCAT
+                                          or self.lora_dir):
+            raise ConfigError("denoiser_workers: > 1 runs the diffusers denoiser in worker processes; allowed with "
+                              "denoiser_runtime=torch, denoise_mode=concat and no lora_dir, got denoiser_runtime="
+                              f"{self.denoiser_runtime.value!r}, denoise_mode={self.denoise_mode.value!r}, "
+                              f"lora_dir={self.lora_dir!r}")
+        self.degrees_per_size()  # validates rssp
+        for name in ("max_batch", "max_in_flight", "controlnet_cache", "intra_op_threads", "tile_size", "min_steps", "round_steps",
+                     "denoiser_workers", "fixed_degree"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: allowed >= 1, got {getattr(self, name)}")
 
@@ -135,6 +155,11 @@ class EngineConfig:
         from .early_exit import ExitRule
 
         return ExitRule(self.exit_epsilon, self.exit_window, self.exit_min_fraction, self.min_steps, self.last_step)
+
+    def degrees_per_size(self) -> tuple[tuple[tuple[int, int], int], ...]:
+        from .degrees import parse_rssp
+
+        return parse_rssp(self.rssp)
 
     def sizes(self) -> list[tuple[int, int]]:
         out = []

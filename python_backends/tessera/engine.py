@@ -219,7 +219,7 @@ class Engine:
         # (6) the StepRecord, written before anyone is answered: a final's metrics include its own last step
         self.records.append(StepRecord(
             self.step_no, now_s, end_s, tuple(s.request_id for s in batch), before, tuple(s.size for s in batch),
-            stats.batch, stats.resolutions, stats.requests, predicted, measured,
+            stats.batch, stats.resolutions, stats.requests, predicted, measured, tuple(len(p) for p in places or ()),
         ))
         self.step_no += 1
         # (5) finished requests decoded one by one, earliest deadline first (as CostModel.finish_times

@@ -75,6 +75,7 @@ class StepRecord:
     requests_per_call: tuple[int, ...]
     predicted_s: float | None = None  # the predictor's step latency, made before the step
     measured_s: float | None = None  # denoiser call(s) + sampler updates, as measured
+    degrees: tuple[int, ...] = ()  # each advanced request's denoiser workers (empty: the engine has one)
 
     @property
     def denoiser_calls(self) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 from .request import RequestState
 from .predictor import BatchShape, LatencyPredictor
 from .request import GenerationParams
-from .cost import CostModel
+from .cost import CostModel, DegreeTable
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,46 @@ def host_lock(path: Path | None = None):
 
 
 def profile_costs(pipeline, denoiser, sizes: list[tuple[int, int]], vae_factor: int, repeats: int = 3,
-                  clock=time.perf_counter, into: CostModel | None = None, max_batch: int = 1) -> CostModel:
+                  clock=time.perf_counter, into: CostModel | None = None, max_batch: int = 1, workers: int = 1) -> CostModel:
     """Profile and return the CostModel; with `into`, fill that (shared) one in place. `max_batch`: the
-    most requests a served step may hold; one untimed step of that many of the largest size runs first."""
+    most requests a served step may hold; one untimed step of that many of the largest size runs first.
+    `workers` > 1: the denoiser places calls on that many workers (executors/workers.py); T(size, k) is
+    profiled too (profile_degrees)."""
     with host_lock():
-        return _profile(pipeline, denoiser, sizes, vae_factor, repeats, clock, into, max_batch)
+        cost = _profile(pipeline, denoiser, sizes, vae_factor, repeats, clock, into, max_batch)
+        cost.degrees = profile_degrees(pipeline, denoiser, sizes, vae_factor, workers, repeats, clock)
+        return cost
+
+
+def profile_degrees(pipeline, denoiser, sizes, vae_factor: int, workers: int, repeats: int = 3,
+                    clock=time.perf_counter) -> DegreeTable:
+    """TetriServe's start-up cost table: one request alone per size at degree 1 and at every power of two up to
+    `workers` (the first workers), median of `repeats` after one untimed call; kept as T(k) / T(1) per size."""
+    table = DegreeTable(workers)
+    ks = [1 << i for i in range(1, workers.bit_length()) if 1 << i <= workers]
+    for i, (h, w) in enumerate(sizes if ks else []):
+        run = pipeline.start(GenerationParams("profile-k", "", h, w, 50, 5.0, i))
+        items = [pipeline.denoiser_inputs(run)]
+
+        def timed(k: int) -> float:
+            places = [tuple(range(k))]
+            denoiser.run(items, places=places)
+            times = []
+            for _ in range(repeats):
+                t0 = clock()
+                denoiser.run(items, places=places)
+                times.append(clock() - t0)
+            return statistics.median(times)
+
+        t1, rows = timed(1), items[0]["sample"].shape[0]
+        for k in ks:
+            table.ratios.setdefault(k, []).append([(h // vae_factor) * (w // vae_factor) * rows, timed(k) / t1])
+    for points in table.ratios.values():
+        points.sort()
+    if ks:
+        log.info("[tessera] profile: T(k)/T(1) over %d workers: %s", workers,
+                 {k: [(c, round(r, 3)) for c, r in v] for k, v in table.ratios.items()})
+    return table
 
 
 def _profile(pipeline, denoiser, sizes, vae_factor, repeats, clock, into, max_batch=1) -> CostModel:

@@ -44,6 +44,8 @@ def row_parallel(config: EngineConfig, call):
 
 
 def make_denoiser(config: EngineConfig, spec: PipelineSpec, repo: str | Path, components: Components):
+    if config.denoiser_workers > 1:
+        return make_pooled_denoiser(config, spec, repo)
     if serves_controlnets(config, spec):
         from .base import DENOISER_OUTPUT
         from .control import ControlDenoiser
@@ -67,6 +69,18 @@ def make_denoiser(config: EngineConfig, spec: PipelineSpec, repo: str | Path, co
     if config.denoise_mode is DenoiseMode.TILED:
         return TiledDenoiser(call, config.tile_size, config.tile_overlap)
     return ConcatDenoiser(call)
+
+
+def make_pooled_denoiser(config: EngineConfig, spec: PipelineSpec, repo: str | Path):
+    """`denoiser_workers` processes, each with the diffusers denoiser, on one GPU each where the host has that many
+    (NCCL), else on the CPU (gloo, `intra_op_threads` each)."""
+    import torch
+
+    from .workers import PooledDenoiser, WorkerPool
+
+    n = config.denoiser_workers
+    device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= n else "cpu"
+    return PooledDenoiser(WorkerPool(Path(repo) / spec.torch_denoiser, spec.family, n, device, config.intra_op_threads))
 
 
 def make_addons(config: EngineConfig, spec: PipelineSpec, repo: str | Path, components: Components):

@@ -26,9 +26,10 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..config import EngineConfig
-from ..cost import CostModel
+from ..cost import CostModel, DegreeTable
 from ..engine import Engine
 from ..errors import CancelledError, ExecutorError, OverloadedError, RefusedError, ShutdownError
+from ..executors.workers import PooledDenoiser
 from ..executors.factory import make_addons, make_denoiser, serves_controlnets
 from ..faults import inject
 from ..fanin import Answer, FanIn
@@ -40,6 +41,7 @@ from ..plan import RequestOutput
 from ..predictor import LatencyPredictor
 from ..profile import default_sizes, profile_costs
 from ..request import RequestState
+from ..placement import make_placer
 from ..policies import make_policy
 from ..spec import PipelineSpec
 from ..wire import ENTRY_INPUT_NAMES, OUTPUT_IMAGE, OUTPUT_PREVIEW, OUTPUT_STEPS, SERVER_HTTP_ENV, STREAM_INPUTS
@@ -105,11 +107,14 @@ class TritonPythonModel:
             log.warning("[tessera] %s: fault injection is on (testing only)", self.name)
         self.cost = CostModel(LatencyPredictor(), self.spec.vae_scale_factor)  # filled in by the profile
         self.profile_sizes = config.sizes() or default_sizes(self.spec.limits)
+        self.cost.degrees = DegreeTable(config.denoiser_workers)  # T(size, k): filled in by the profile
         policy = make_policy(config.policy, config.max_batch, self.cost, config.on_hopeless, config.min_steps,
-                             config.round_steps, config.deadline_margin, config.early_refusal)
+                             config.round_steps, config.deadline_margin, config.early_refusal, config.denoiser_workers,
+                             config.fixed_degree, config.degrees_per_size())
         self.engine = Engine(pipeline, denoiser, policy, cost=self.cost, slo_scale=config.slo_scale,
                              exit_rule=config.exit_rule(), early_exit=bool(config.early_exit),
-                             adapters=make_addons(config, self.spec, repo, components))
+                             adapters=make_addons(config, self.spec, repo, components),
+                             placer=make_placer(config.denoiser_workers, config.placement, self.cost))
         self._controlnets = frozenset(self.spec.controlnets) if serves_controlnets(config, self.spec) else frozenset()
         self.metrics = EngineMetrics(self.name, self.engine, self.cost, pending=lambda: self.loop.pending,
                                      controls=self._control_counters if self._controlnets else None)
@@ -144,13 +149,14 @@ class TritonPythonModel:
             log.warning("[tessera] %s: components unreachable over BLS during start-up (%s); profiling in-process "
                         "(load engines after the other models to warm the served path)", self.name, e)
             local = LocalComponents(self.spec, self.repo, self.config.intra_op_threads)
+            pooled = self.config.denoiser_workers > 1  # the workers do not go through BLS: profiled as they are
             self._profile(Txt2Img(self.spec, local, self.tokenizers),
-                          make_denoiser(self.config, self.spec, self.repo, local))
+                          self.denoiser if pooled else make_denoiser(self.config, self.spec, self.repo, local))
         self.warm = True
 
     def _profile(self, pipeline: Txt2Img, denoiser) -> None:
         profile_costs(pipeline, denoiser, self.profile_sizes, self.spec.vae_scale_factor, into=self.cost,
-                      max_batch=self.config.max_batch)
+                      max_batch=self.config.max_batch, workers=self.config.denoiser_workers)
 
     # -- requests -----------------------------------------------------------------------------------
     def execute(self, requests):
@@ -265,3 +271,5 @@ class TritonPythonModel:
         log.info("[tessera] %s: shutting down (%d in flight)", self.name, self.loop.pending)
         self.loop.stop()
         self.metrics.close()
+        if isinstance(self.denoiser, PooledDenoiser):
+            self.denoiser.pool.close()

@@ -89,6 +89,8 @@ class EngineMetrics:
         self.requests = counter("tessera_denoiser_requests_total", "Requests, summed over denoiser calls")
         self.steps = counter("tessera_steps_total", "Request-steps run (one request advancing one step)")
         self.engine_steps = counter("tessera_engine_steps_total", "Engine steps")
+        self.parallel = counter("tessera_parallel_steps_total",
+                                "Request-steps run at degree > 1 over several denoiser workers (denoiser_workers)")
         self.mixed = counter("tessera_mixed_step_calls_total",
                              "Engine steps whose requests were at different step indices (continuous batching)")
         self.outcome = {k: counter("tessera_requests_total", "Engine requests by outcome", outcome=k) for k in OUTCOMES}
@@ -171,6 +173,7 @@ class EngineMetrics:
             ("requests", sum(sum(r.requests_per_call) for r in fresh)),
             ("steps", sum(len(r.request_ids) for r in fresh)),
             ("mixed", sum(len(set(r.step_indices)) > 1 for r in fresh)),
+            ("parallel", sum(d > 1 for r in fresh for d in r.degrees)),
         )
         adapters = self.engine.adapters.counters()
         adapter_deltas = tuple((f, getattr(adapters, f) - getattr(self._adapters_seen, f)) for f in ADAPTER_COUNTERS)
