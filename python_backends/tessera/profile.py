@@ -56,9 +56,10 @@ def profile_costs(pipeline, denoiser, sizes: list[tuple[int, int]], vae_factor: 
 
 
 def profile_degrees(pipeline, denoiser, sizes, vae_factor: int, workers: int, repeats: int = 3,
-                    clock=time.perf_counter) -> DegreeTable:
+                    clock=time.perf_counter, times: dict | None = None) -> DegreeTable:
     """TetriServe's start-up cost table: one request alone per size at degree 1 and at every power of two up to
-    `workers` (the first workers), median of `repeats` after one untimed call; kept as T(k) / T(1) per size."""
+    `workers` (the first workers), median of `repeats` after one untimed call; kept as T(k) / T(1) per size.
+    `times`, if given, receives the measured seconds: {(h, w): {k: T(k)}}."""
     table = DegreeTable(workers)
     ks = [1 << i for i in range(1, workers.bit_length()) if 1 << i <= workers]
     for i, (h, w) in enumerate(sizes if ks else []):
@@ -76,8 +77,11 @@ def profile_degrees(pipeline, denoiser, sizes, vae_factor: int, workers: int, re
             return statistics.median(times)
 
         t1, rows = timed(1), items[0]["sample"].shape[0]
+        measured = {1: t1} | {k: timed(k) for k in ks}
         for k in ks:
-            table.ratios.setdefault(k, []).append([(h // vae_factor) * (w // vae_factor) * rows, timed(k) / t1])
+            table.ratios.setdefault(k, []).append([(h // vae_factor) * (w // vae_factor) * rows, measured[k] / t1])
+        if times is not None:
+            times[(h, w)] = measured
     for points in table.ratios.values():
         points.sort()
     if ks:

@@ -1,10 +1,11 @@
 """One denoiser step of a request at degree k > 1 (issue 16, TetriServe §5): k workers share the step.
 
-  SD3-style DiT   sequence parallelism: the image tokens are cut into k contiguous shards, one per worker;
-                  every per-token op (norms, MLPs, projections) runs on the shard only; each joint attention
-                  all-gathers the shards' keys and values, so every query still attends over all tokens
-                  (image and text); the text stream is small and kept whole on every worker. The output
-                  tokens are all-gathered at the end. Exact against degree 1 up to summation order.
+  SD3-style DiT   sequence parallelism: the image tokens and the text tokens are each cut into k contiguous
+                  shards, one per worker; every per-token op (norms, MLPs, projections) runs on the shards
+                  only; each joint attention all-gathers the shards' keys and values, so every query still
+                  attends over all tokens (image and text). The text stream is sharded too: SD3's 333 text
+                  tokens outnumber a 256 px image's 256. The output image tokens are all-gathered at the end.
+                  Exact against degree 1 up to summation order.
   SD UNet         the rows split (the CFG halves on different workers; latent parallelism, issue 15).
 
 Every worker of the group calls `parallel_forward` with the same inputs; all return the same output.
@@ -42,11 +43,11 @@ def _gather_tokens(x: torch.Tensor, n: int, group, k: int) -> torch.Tensor:
 
 
 class ShardedJointAttention:
-    """diffusers' JointAttnProcessor2_0 for a worker holding one shard of the image tokens: its own queries,
-    every worker's keys and values (all-gathered), the text tokens whole."""
+    """diffusers' JointAttnProcessor2_0 for a worker holding one shard of the image tokens (of n) and one of the
+    text tokens (of m): its own queries, every worker's keys and values (all-gathered)."""
 
-    def __init__(self, group, k: int, n_tokens: int):
-        self.group, self.k, self.n = group, k, n_tokens
+    def __init__(self, group, k: int, n_tokens: int, m_tokens: int):
+        self.group, self.k, self.n, self.m = group, k, n_tokens, m_tokens
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
         b = hidden_states.shape[0]
@@ -70,6 +71,8 @@ class ShardedJointAttention:
                 cq = attn.norm_added_q(cq)
             if attn.norm_added_k is not None:
                 ck = attn.norm_added_k(ck)
+            ckv = _gather_tokens(torch.cat([ck, cv], dim=1).transpose(1, 2), self.m, self.group, self.k)
+            ck, cv = ckv.transpose(1, 2).chunk(2, dim=1)
             query, key, value = torch.cat([query, cq], 2), torch.cat([key, ck], 2), torch.cat([value, cv], 2)
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(b, -1, attn.heads * out.shape[-1]).to(query.dtype)
@@ -82,7 +85,7 @@ class ShardedJointAttention:
 
 
 def dit_forward_sharded(model, t: dict, group, k: int, rank: int) -> torch.Tensor:
-    """SD3Transformer2DModel.forward with the image tokens sharded over the group's k workers."""
+    """SD3Transformer2DModel.forward with the image and text tokens sharded over the group's k workers."""
     height, width = t["sample"].shape[-2:]
     hidden = model.pos_embed(t["sample"])  # patchify + positions for every token (cheap), then this shard
     n = hidden.shape[1]
@@ -90,9 +93,12 @@ def dit_forward_sharded(model, t: dict, group, k: int, rank: int) -> torch.Tenso
     hidden = hidden[:, lo:hi].contiguous()
     temb = model.time_text_embed(t["timestep"], t["pooled_projections"])
     ctx = model.context_embedder(t["encoder_hidden_states"])
+    m = ctx.shape[1]
+    c_lo, c_hi, _ = shard_bounds(m, k, rank)
+    ctx = ctx[:, c_lo:c_hi].contiguous()
     attns = [a for block in model.transformer_blocks for a in (block.attn, getattr(block, "attn2", None)) if a is not None]
     own = [a.processor for a in attns]
-    processor = ShardedJointAttention(group, k, n)
+    processor = ShardedJointAttention(group, k, n, m)
     try:
         for a in attns:  # set directly (not set_processor): the module's own processor comes back after
             a.processor = processor

@@ -103,8 +103,7 @@ def main(argv: list[str]) -> None:
     from multiprocessing.connection import Client
 
     rank, n, port, model_dir, family, device, threads, address = argv
-    host, listen_port = address.rsplit(":", 1)
-    conn = Client((host, int(listen_port)), authkey=bytes.fromhex(os.environ["TESSERA_WORKER_KEY"]))
+    conn = Client(address, family="AF_UNIX", authkey=bytes.fromhex(os.environ["TESSERA_WORKER_KEY"]))
     conn.send(int(rank))
     _worker_main(int(rank), int(n), int(port), model_dir, family, device, int(threads), conn)
 
@@ -121,7 +120,7 @@ def _python() -> str:
 class WorkerPool:
     """N denoiser worker processes; `run` sends each worker set its merged calls and waits for all of them.
     Workers are started as `python -m tessera.executors.workers` (not multiprocessing's spawn, which re-imports
-    the parent's main module: a Triton stub has none) and connect back over a local authenticated socket."""
+    the parent's main module: a Triton stub has none) and connect back over an authenticated Unix socket."""
 
     def __init__(self, model_dir: str | Path, family: Family, n: int, device: str = "cpu", threads: int = 1,
                  start_timeout_s: float = 300.0):
@@ -133,13 +132,14 @@ class WorkerPool:
         self.n, self.family = n, family
         self._conns, self._procs = [None] * n, []
         key = os.urandom(16)
-        listener = Listener(("127.0.0.1", 0), authkey=key)
+        # a Unix socket: over local TCP, a message sent as header + body met Nagle's delayed ACK (+40 ms a call)
+        listener = Listener(family="AF_UNIX", authkey=key)
         port = _free_port()
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TESSERA_WORKER_KEY=key.hex())
         try:
             for rank in range(n):
                 cmd = [_python(), "-m", "tessera.executors.workers", str(rank), str(n), str(port), str(model_dir),
-                       family.value, device, str(threads), f"{listener.address[0]}:{listener.address[1]}"]
+                       family.value, device, str(threads), listener.address]
                 self._procs.append(subprocess.Popen(cmd, env=env))
             listener._listener._socket.settimeout(start_timeout_s)
             for _ in range(n):  # every worker says who it is first, then loads and joins the world
