@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from .errors import ConfigError
-from .options import (CfgParallel, ControlMode, DenoiseMode, EarlyRefusal, Executor, LastStep, LoraBatching, OnHopeless, Option, Placement,
-                      PolicyName, Runtime, Switch)
+from .options import (CfgParallel, ControlMode, Decode, DenoiseMode, EarlyRefusal, Executor, LastStep, LoraBatching,
+                      OnHopeless, Option, Placement, PolicyName, Runtime, Switch)
 
-OPTIONS: dict[str, type[Option]] = {c.__name__: c for c in (CfgParallel, ControlMode, DenoiseMode, EarlyRefusal, Executor, LastStep, LoraBatching,
-                                                            OnHopeless, Placement, PolicyName, Runtime, Switch)}
+OPTIONS: dict[str, type[Option]] = {c.__name__: c for c in (CfgParallel, ControlMode, Decode, DenoiseMode, EarlyRefusal,
+                                                            Executor, LastStep, LoraBatching, OnHopeless, Placement,
+                                                            PolicyName, Runtime, Switch)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +109,9 @@ class EngineConfig:
     """policy=fixed: every request's degree (a power of two <= denoiser_workers)."""
     rssp: str = ""
     """policy=rssp: the degree per resolution, 'HxW:k,HxW:k' (other sizes at 1)."""
+    decode: Decode = Decode.LOOP
+    """Where finished requests are decoded (decode.py): loop (on the step loop, between steps) or pipelined (on
+    a thread of their own, concurrently with the next denoising steps; QoS-Diff)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):

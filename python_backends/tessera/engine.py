@@ -8,7 +8,8 @@
       whose adapters are still loading at its step K sits the step out; adapters.py), then ONE denoiser
       executor run for every stepping request (the executor may batch by resolution, patches or tiles);
   (4) each request's own sampler takes its step (Pipeline.apply), then the entropy early-exit rule;
-  (5) finished requests are decoded and answered at once (earliest deadline first); progress events;
+  (5) finished requests go to the decoder (decode.py: on the loop, earliest deadline first, or pipelined on
+      a thread of its own beside the next steps) and are answered as their decodes are ready; progress events;
   (6) a StepRecord for metrics (appended before (5) answers: a final's metrics hold its last step).
   The cost model learns from what was measured along the way (joins, the step, each decode with its
   answer).
@@ -29,6 +30,7 @@ from dataclasses import replace
 
 from .adapters import NoAdapters
 from .cost import CostModel
+from .decode import LoopDecode
 from .early_exit import ExitRule
 from .errors import CancelledError, DeadlineUnreachableError, RequestFailedError
 from .interfaces import Denoiser, Pipeline
@@ -47,7 +49,7 @@ class Engine:
     def __init__(self, pipeline: Pipeline, denoiser: Denoiser, policy: Policy, cost: CostModel | None = None,
                  slo_scale: float = 5.0, clock: Callable[[], float] = time.monotonic,
                  exit_rule: ExitRule | None = None, early_exit: bool = False, history: int = 10_000,
-                 adapters=None, placer=None):
+                 adapters=None, placer=None, decoder=None):
         self.pipeline = pipeline
         self.denoiser = denoiser
         self.policy = policy
@@ -58,6 +60,8 @@ class Engine:
         self.early_exit = early_exit  # ... and whether it applies to requests that do not say
         self.adapters = adapters or NoAdapters()  # per-request adapters (adapters.py): admit, gate, release
         self.placer = placer or OneWorker()  # which denoiser workers run whom (placement.py; one worker: none)
+        self.decoder = decoder or LoopDecode(pipeline, clock)  # where finished requests decode (decode.py)
+        self.finishing: dict[str, RequestState] = {}  # handed to the decoder, not answered yet
         self.last_places: dict[str, tuple[int, ...]] = {}
         self.waiting: dict[str, RequestState] = {}
         self.running: dict[str, RequestState] = {}
@@ -92,7 +96,8 @@ class Engine:
     def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED,
               error: Exception | None = None) -> RequestOutput | None:
         """Remove a request at a step boundary and free its state; None if it is not in flight."""
-        state = self.waiting.pop(request_id, None) or self.running.pop(request_id, None)
+        state = (self.waiting.pop(request_id, None) or self.running.pop(request_id, None)
+                 or self.finishing.pop(request_id, None))  # a decode still running is not waited for
         if state is None:
             return None
         if not self.has_work():
@@ -108,9 +113,12 @@ class Engine:
 
     @property
     def in_flight(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.running) + len(self.finishing)
 
     def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.finishing)
+
+    def _stepping(self) -> bool:
         return bool(self.waiting or self.running)
 
     def view(self) -> EngineView:
@@ -135,6 +143,9 @@ class Engine:
                 if emit is not None:
                     emit(out)
 
+        self._answer_decoded(put, wait_s=0.0 if self._stepping() else 0.005)  # decodes done meanwhile
+        if not self._stepping():
+            return outputs  # only decodes in flight: nothing to plan
         now_s = self.clock()
         self._observe_gap(now_s)
         involved = (*self.waiting, *self.running)  # answered with INTERNAL if the step fails as a whole
@@ -155,7 +166,7 @@ class Engine:
                 self._advance(list(gate.step), gate.rows, gate.controls, places, now_s, put)  # (3)-(6)
         except Exception as e:  # noqa: BLE001 - the step's requests are answered, the engine goes on
             self._fail_step(involved, e, put)
-        if self.has_work():
+        if self._stepping():
             self._busy_end_s = self.clock()
         return outputs
 
@@ -222,8 +233,8 @@ class Engine:
             stats.batch, stats.resolutions, stats.requests, predicted, measured, tuple(len(p) for p in places or ()),
         ))
         self.step_no += 1
-        # (5) finished requests decoded one by one, earliest deadline first (as CostModel.finish_times
-        # assumes) and answered at once: a small image is not held behind a big one's decode
+        # (5) finished requests to the decoder, earliest deadline first (as CostModel.finish_times assumes),
+        # each answered as soon as its decode is ready: a small image is not held behind a big one's decode
         for s in sorted(batch, key=lambda s: s.deadline_s):
             if s.request_id not in self.running:
                 continue  # failed in (4)
@@ -231,22 +242,25 @@ class Engine:
             if not s.run.done:
                 put(self._progress(s))
                 continue
-            t0 = self.clock()
-            out = self._finish(s)
-            put(out)  # answered now (emit)
-            if out.ok:  # a finish holds the loop for its decode and its answer: the cost model learns both
-                self._observe_finish(s, self.clock() - t0)
+            self.finishing[s.request_id] = self.running.pop(s.request_id)
+            self.decoder.submit(s)
+            self._answer_decoded(put)
 
-    def _finish(self, s: RequestState) -> RequestOutput:
-        """Decode a finished request; it leaves `running` with its output built (never unanswered)."""
-        try:
-            image = self.pipeline.finish(s.run)
-        except Exception as e:  # noqa: BLE001
-            return self._fail(self.running.pop(s.request_id), "decode", e)
-        s.done_s = self.clock()
-        out = self._final(s, FinishReason.DEGRADED if s.asked_steps else FinishReason.COMPLETED, image=image)
-        self.running.pop(s.request_id)
-        return out
+    def _answer_decoded(self, put: Emit, wait_s: float = 0.0) -> None:
+        """Answer every decode the decoder has ready (waiting up to `wait_s` for one); a request aborted
+        meanwhile was answered already."""
+        for d in self.decoder.collect(wait_s):
+            s = self.finishing.pop(d.state.request_id, None)
+            if s is None:
+                continue
+            if d.error is not None:
+                put(self._fail(s, "decode", d.error))
+                continue
+            s.done_s = d.done_s
+            t0 = self.clock()
+            put(self._final(s, FinishReason.DEGRADED if s.asked_steps else FinishReason.COMPLETED, image=d.image))
+            # a finish holds the loop for its answer, and on the loop for its decode: the cost model learns both
+            self._observe_finish(s, d.seconds + self.clock() - t0)
 
     def _observe_finish(self, s: RequestState, seconds: float) -> None:
         if self.cost is None:

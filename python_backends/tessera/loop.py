@@ -181,7 +181,7 @@ class EngineLoop:
         for kind, payload in items:
             if kind == "add":
                 self.engine.waiting.setdefault(payload.request_id, payload)  # type: ignore[union-attr]
-        for rid in [*self.engine.waiting, *self.engine.running]:
+        for rid in [*self.engine.waiting, *self.engine.running, *self.engine.finishing]:
             try:
                 out = self.engine.abort(rid, FinishReason.ERROR, error)
             except Exception:  # noqa: BLE001 - answer the others

@@ -43,6 +43,11 @@ class Placement(Option):
     ROUND_ROBIN = "round-robin"  # each request on the next worker in turn, kept there (a baseline)
 
 
+class Decode(Option):
+    LOOP = "loop"  # finished requests decoded on the step loop, between steps (the default)
+    PIPELINED = "pipelined"  # decoded on their own thread, concurrently with the next steps (QoS-Diff)
+
+
 class OnHopeless(Option):
     DROP = "drop"  # answered UNAVAILABLE at once
     DEGRADE = "degrade"  # fewer steps (never below min_steps), ending with one last step to t = 0

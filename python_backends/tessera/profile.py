@@ -51,37 +51,35 @@ def profile_costs(pipeline, denoiser, sizes: list[tuple[int, int]], vae_factor: 
     profiled too (profile_degrees)."""
     with host_lock():
         cost = _profile(pipeline, denoiser, sizes, vae_factor, repeats, clock, into, max_batch)
-        cost.degrees = profile_degrees(pipeline, denoiser, sizes, vae_factor, workers, repeats, clock)
+        cost.degrees = profile_degrees(pipeline, denoiser, sizes, vae_factor, workers, max(repeats, 7), clock)
         return cost
 
 
-def profile_degrees(pipeline, denoiser, sizes, vae_factor: int, workers: int, repeats: int = 3,
+def profile_degrees(pipeline, denoiser, sizes, vae_factor: int, workers: int, repeats: int = 7,
                     clock=time.perf_counter, times: dict | None = None) -> DegreeTable:
     """TetriServe's start-up cost table: one request alone per size at degree 1 and at every power of two up to
-    `workers` (the first workers), median of `repeats` after one untimed call; kept as T(k) / T(1) per size.
-    `times`, if given, receives the measured seconds: {(h, w): {k: T(k)}}."""
+    `workers` (the first workers), after one untimed call each, in `repeats` interleaved rounds (one call per
+    degree a round: a slow spell on the shared host hits every degree alike); kept as the median over rounds of
+    T(k) / T(1) per size. `times`, if given, receives the median seconds: {(h, w): {k: T(k)}}."""
     table = DegreeTable(workers)
     ks = [1 << i for i in range(1, workers.bit_length()) if 1 << i <= workers]
     for i, (h, w) in enumerate(sizes if ks else []):
         run = pipeline.start(GenerationParams("profile-k", "", h, w, 50, 5.0, i))
         items = [pipeline.denoiser_inputs(run)]
-
-        def timed(k: int) -> float:
-            places = [tuple(range(k))]
-            denoiser.run(items, places=places)
-            times = []
-            for _ in range(repeats):
+        seconds: dict[int, list[float]] = {k: [] for k in (1, *ks)}
+        for k in seconds:
+            denoiser.run(items, places=[tuple(range(k))])
+        for _ in range(repeats):
+            for k in seconds:
                 t0 = clock()
-                denoiser.run(items, places=places)
-                times.append(clock() - t0)
-            return statistics.median(times)
-
-        t1, rows = timed(1), items[0]["sample"].shape[0]
-        measured = {1: t1} | {k: timed(k) for k in ks}
+                denoiser.run(items, places=[tuple(range(k))])
+                seconds[k].append(clock() - t0)
+        rows = items[0]["sample"].shape[0]
         for k in ks:
-            table.ratios.setdefault(k, []).append([(h // vae_factor) * (w // vae_factor) * rows, measured[k] / t1])
+            ratio = statistics.median(tk / t1 for tk, t1 in zip(seconds[k], seconds[1], strict=True))
+            table.ratios.setdefault(k, []).append([(h // vae_factor) * (w // vae_factor) * rows, ratio])
         if times is not None:
-            times[(h, w)] = measured
+            times[(h, w)] = {k: statistics.median(v) for k, v in seconds.items()}
     for points in table.ratios.values():
         points.sort()
     if ks:

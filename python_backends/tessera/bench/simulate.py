@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, replace
 from ..cost import CostModel
 from ..engine import Engine
 from ..interfaces import CallStats
-from ..options import EarlyRefusal, Placement
+from ..decode import VirtualPipelinedDecode
+from ..options import Decode, EarlyRefusal, Placement
 from ..placement import groups_of, make_placer
 from ..request import FinishReason, GenerationParams, RequestState
 from ..policies import make_policy
@@ -122,7 +123,7 @@ def simulate(trace: Trace, policy: str, cost: CostModel, slo_ms: dict, instances
              charge_policy: bool = True, gap_s: float | None = None, min_steps: int = 4,
              early_refusal: EarlyRefusal | str = EarlyRefusal.ON, workers: int = 1,
              placement: Placement | str = Placement.LEAST_WORK, fixed_degree: int = 1,
-             rssp: tuple = ()) -> list[SimResult]:
+             rssp: tuple = (), decode: Decode | str = Decode.LOOP) -> list[SimResult]:
     """charge_policy: the policy's own compute time (measured on this host while simulating) advances the
     virtual clock, as it holds the real engine loop (slack's schedulability tests grow with the queue).
     gap_s: the loop's time between engine steps (responses, admissions), as the served engine measured it
@@ -130,7 +131,9 @@ def simulate(trace: Trace, policy: str, cost: CostModel, slo_ms: dict, instances
     early_refusal: each arrival is first tested by the policy's refuse() against its instance's plan, as the
     served engine model does at admission.
     workers: denoiser workers per engine instance (issue 16), stepping together with the cost table's T(size, k);
-    `placement`, `fixed_degree`, `rssp` as the engine's settings."""
+    `placement`, `fixed_degree`, `rssp`, `decode` as the engine's settings (pipelined decode: one decode lane
+    beside each virtual engine's loop)."""
+    pipelined = Decode.parse("decode", decode) is Decode.PIPELINED
     gap_s = cost.gap_s if gap_s is None else gap_s
     early_refusal = EarlyRefusal.parse("early_refusal", early_refusal)  # the served engine's default: on
     clocks = [VirtualClock() for _ in range(instances)]
@@ -150,7 +153,8 @@ def simulate(trace: Trace, policy: str, cost: CostModel, slo_ms: dict, instances
                           workers=workers, fixed_degree=fixed_degree, rssp=rssp)
         pol = _Timed(pol, c) if charge_policy else pol
         engines.append(Engine(_SimPipeline(c, sim_cost), _SimDenoiser(c, sim_cost), pol, cost=sim_cost, clock=c,
-                              placer=make_placer(workers, placement, sim_cost)))
+                              placer=make_placer(workers, placement, sim_cost),
+                              decoder=VirtualPipelinedDecode(c, sim_cost) if pipelined else None))
     results: dict[str, SimResult] = {}
     arrivals = list(enumerate(trace.requests))
     pos = 0

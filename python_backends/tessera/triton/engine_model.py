@@ -27,6 +27,7 @@ import triton_python_backend_utils as pb_utils
 
 from ..config import EngineConfig
 from ..cost import CostModel, DegreeTable
+from ..decode import make_decoder
 from ..engine import Engine
 from ..errors import CancelledError, ExecutorError, OverloadedError, RefusedError, ShutdownError
 from ..executors.workers import PooledDenoiser
@@ -114,7 +115,8 @@ class TritonPythonModel:
         self.engine = Engine(pipeline, denoiser, policy, cost=self.cost, slo_scale=config.slo_scale,
                              exit_rule=config.exit_rule(), early_exit=bool(config.early_exit),
                              adapters=make_addons(config, self.spec, repo, components),
-                             placer=make_placer(config.denoiser_workers, config.placement, self.cost))
+                             placer=make_placer(config.denoiser_workers, config.placement, self.cost),
+                             decoder=make_decoder(config.decode, pipeline, time.monotonic))
         self._controlnets = frozenset(self.spec.controlnets) if serves_controlnets(config, self.spec) else frozenset()
         self.metrics = EngineMetrics(self.name, self.engine, self.cost, pending=lambda: self.loop.pending,
                                      controls=self._control_counters if self._controlnets else None)
@@ -271,5 +273,6 @@ class TritonPythonModel:
         log.info("[tessera] %s: shutting down (%d in flight)", self.name, self.loop.pending)
         self.loop.stop()
         self.metrics.close()
+        self.engine.decoder.close()
         if isinstance(self.denoiser, PooledDenoiser):
             self.denoiser.pool.close()
