@@ -152,12 +152,14 @@ def build_parser():
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
     ap.add_argument("--max-batch", type=int, default=4, help="engines' max_batch (edf-mh batches; the others do not)")
     ap.add_argument("--sim-workers", type=int, default=8, help="workers of the simulated comparison")
+    ap.add_argument("--tag", default="", help="suffix of the result files (instances-TAG.json, instances-sim-TAG.json)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     variants = [v for v in VARIANTS if v in args.variants.split(",")]
+    suffix = f"-{args.tag}" if args.tag else ""
     import torch
 
     torch.set_num_threads(1)
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[tessera] isolated ms {iso}; 2-worker capacity ~{capacity:.3f} req/s", flush=True)
         for i, load in enumerate(loads):
             tr = poisson(load * capacity, args.duration, SIZES, SHARES, args.steps, args.seed + i)
-            tr.save(RESULTS / "traces" / f"instances-load{load:g}.json")
+            tr.save(RESULTS / "traces" / f"instances{suffix}-load{load:g}.json")
             traces.append(tr)
             for v in variants:
                 before = served_state(server.metrics_url, f"engine_{v}")
@@ -280,23 +282,23 @@ def main(argv: list[str] | None = None) -> int:
                            "variants": settings, "engine": common, "workers": 2,
                            "isolated_ms": {f"{h}x{w}": v for (h, w), v in iso.items()},
                            "slo_ms": {f"{h}x{w}": v for (h, w), v in slo.items()}, "capacity_rps": capacity}
-    write_result("instances", config, {
+    write_result(f"instances{suffix}", config, {
         "degree_table_measured": table, "rssp": rssp, "policies": runs, "tetris_vs_best_fixed": comparison,
         "placement_least_work_vs_round_robin": placement, "served_parallel_steps": served["parallel_steps"],
         "dp_decision_time": dp,
         "pipelined_decode": "not built: VAE decode runs on the engine's step loop (issue 16 item 5 open)"})
-    write_result("instances-sim", config, {
+    write_result(f"instances-sim{suffix}", config, {
         "n2": sim2, "sim_vs_real_max_abs_gap": max(gaps), "sim_vs_real_mean_abs_gap": float(np.mean(gaps)),
         f"n{n}": simn, f"n{n}_ratios_assumed_amdahl": ratio_n, f"n{n}_rssp": rssp_n,
         "calibration": "N = 2: each run's served cost terms and loop gap, the in-process T(size, k) table; "
                        f"N = {n}: the in-process profile, T(size, k) for k > 2 assumed (Amdahl from k = 2)"})
-    _plots(runs, loads, sim2, simn, n, list(variants_n))
+    _plots(runs, loads, sim2, simn, n, list(variants_n), suffix)
     print(f"[tessera] sim vs real at N=2: max gap {max(gaps):.3f}, mean {np.mean(gaps):.3f}; tetris vs best fixed: "
           f"{[(c['load'], round(c['gain_points'], 1)) for c in comparison]}", flush=True)
     return 0
 
 
-def _plots(runs, loads, sim2, simn, n, variants_n) -> None:
+def _plots(runs, loads, sim2, simn, n, variants_n, suffix: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -316,7 +318,7 @@ def _plots(runs, loads, sim2, simn, n, variants_n) -> None:
         ax.set_xlabel("offered load (x 2-worker degree-1 capacity)")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "instances.png", dpi=120)
+    fig.savefig(RESULTS / f"instances{suffix}.png", dpi=120)
     fig, ax = plt.subplots(figsize=(6, 4))
     for v in variants_n:
         ax.plot(loads, [r["sim"][v]["slo_attainment"] for r in simn], marker="o", label=v)
@@ -326,7 +328,7 @@ def _plots(runs, loads, sim2, simn, n, variants_n) -> None:
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "instances-sim.png", dpi=120)
+    fig.savefig(RESULTS / f"instances-sim{suffix}.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from .errors import TesseraError
-from .options import CfgParallel, ControlMode, DenoiseMode, EarlyRefusal, Executor, OnHopeless, PolicyName, Runtime, Switch
+from .options import (CfgParallel, ControlMode, Decode, DenoiseMode, EarlyRefusal, Executor, OnHopeless, Placement,
+                      PolicyName, Runtime, Switch)
 
 
 def _cmd_build_tiny(a: argparse.Namespace) -> int:
@@ -39,6 +40,8 @@ def _cmd_export(a: argparse.Namespace) -> int:
         tile_size=a.tile_size, tile_overlap=a.tile_overlap, on_hopeless=a.on_hopeless, early_refusal=a.early_refusal,
         cfg_parallel=a.cfg_parallel, control_parallel=a.control_parallel, control_mode=a.control_mode,
         controlnet_cache=a.controlnet_cache, controlnet_cache_mb=a.controlnet_cache_mb,
+        denoiser_workers=a.denoiser_workers, placement=a.placement, fixed_degree=a.fixed_degree, rssp=a.rssp,
+        decode=a.decode,
     )
     controlnets = {}
     for item in a.controlnet:
@@ -279,6 +282,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ControlNets kept resident, LRU (default: %(default)s)")
     e.add_argument("--controlnet-cache-mb", type=int, default=1024,
                    help="... and the bytes they may hold (default: %(default)s)")
+    e.add_argument("--denoiser-workers", type=int, default=1,
+                   help="denoiser worker processes the engine owns (torch.distributed; one GPU each where there are "
+                        "enough): degree k > 1 runs a request on k of them (sequence-parallel DiT, CFG-split UNet); "
+                        "> 1 needs --denoiser-runtime torch (docs/instances.md) (default: %(default)s)")
+    e.add_argument("--placement", choices=[m.value for m in Placement], default=Placement.LEAST_WORK.value,
+                   help="several workers, policies without degrees: each request on the worker with the least "
+                        "predicted work, or round-robin (default: %(default)s)")
+    e.add_argument("--fixed-degree", type=int, default=1,
+                   help="policy fixed: every request's degree (default: %(default)s)")
+    e.add_argument("--rssp", default="", help="policy rssp: degrees per resolution, 'HxW:k,...' (others at 1)")
+    e.add_argument("--decode", choices=[m.value for m in Decode], default=Decode.LOOP.value,
+                   help="decode finished requests on the step loop, or pipelined on their own thread beside the "
+                        "next steps (default: %(default)s)")
     e.add_argument("--patch-size", type=int, default=0, help="latent cells; 0 = GCD of the step's sizes")
     e.add_argument("--tile-size", type=int, default=16, help="tiled: tile edge in latent cells")
     e.add_argument("--tile-overlap", type=int, default=4,
