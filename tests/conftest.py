@@ -70,8 +70,15 @@ def repo(work_dir, tiny_pipelines) -> Path:
     export_pipeline(tiny_pipelines["dit"], path, prefix="dit_", engine_config=fcfs, progress=quiet)
     add_engine(path, "engine", "engine_local", entry="txt2img_local", executor="local")
     add_engine(path, "engine", "engine_cfg2", executor="local", cfg_parallel="on")  # CFG halves at once
+    add_engine(path, "engine", "engine_piped", entry="txt2img_pipelined", executor="local", decode="pipelined")
     add_engine(path, "engine", "engine_patches", entry="txt2img_patches", denoiser_runtime="torch",
                denoise_mode="patches")
+    # two denoiser worker processes (executors/workers.py): every request at degree 2 (sequence-parallel DiT), and
+    # TetriServe's policy choosing degrees (tests/integration/test_instances_serving.py)
+    add_engine(path, "dit_engine", "dit_engine_sp2", entry="dit_txt2img_sp2", executor="local", denoiser_runtime="torch",
+               denoiser_workers=2, policy="fixed", fixed_degree=2)
+    add_engine(path, "dit_engine", "dit_engine_tetris", entry="dit_txt2img_tetris", executor="local",
+               denoiser_runtime="torch", denoiser_workers=2, policy="tetris")
     add_engine(path, "engine", "engine_wide", max_batch=128)  # room for 100+ requests in one step
     add_engine(path, "engine", "engine_faults", entry="txt2img_faults", fault_injection="on")  # test_faults.py
     for policy, extra in (("image-fcfs", {}), ("step-fcfs", {}), ("slack", {}), ("rounds", {}),
@@ -90,8 +97,12 @@ def repo(work_dir, tiny_pipelines) -> Path:
     if reference.is_dir():  # the committed quality reference (tests/integration/test_quality_smoke.py)
         # with the committed reference ControlNets (tests/integration/test_controlnet_serving.py)
         nets = {k: reference.parent / "controlnet" / k for k in ("silhouette", "box")}
-        export_pipeline(reference, path, prefix="ref_", engine_config=EngineConfig(executor="local", policy="step-fcfs"),
-                        progress=quiet, controlnets={k: v for k, v in nets.items() if v.is_dir()})
+        # profiled at the sizes the tests use: the start-up profile's untimed step of max_batch requests at the
+        # largest default size (256 px) grew each of these six engines' ONNX Runtime arenas to ~2.5 GB, and with
+        # the multi-worker engines the test server ran out of this host's 24 GiB (the kernel killed a stub)
+        export_pipeline(reference, path, prefix="ref_", progress=quiet,
+                        engine_config=EngineConfig(executor="local", policy="step-fcfs", profile_sizes="64x64,128x128"),
+                        controlnets={k: v for k, v in nets.items() if v.is_dir()})
         add_engine(path, "ref_engine", "ref_engine_cn_serial", control_parallel="off")
         add_engine(path, "ref_engine", "ref_engine_cn_async", control_mode="async")
         add_engine(path, "ref_engine", "ref_engine_cn_one", controlnet_cache=1)  # fewer resident than served
@@ -112,7 +123,7 @@ def server(repo):
     from tessera.server import TritonServer
 
     srv = TritonServer(repo, exit_timeout_s=10)
-    srv.start()
+    srv.start(timeout_s=600)  # ~30 engines, each warmed and profiled one after another (5 min on 2 cores)
     yield srv
     pgid = srv.proc.pid
     srv.stop()

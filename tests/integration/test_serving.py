@@ -32,7 +32,9 @@ def test_serving_three_resolutions(client, height, width):
 
 @pytest.mark.parametrize(
     "model, kind, height, width",
-    [("txt2img", "unet", 128, 192), ("txt2img_local", "unet", 192, 128), ("dit_txt2img", "dit", 128, 192)],
+    [("txt2img", "unet", 128, 192), ("txt2img_local", "unet", 192, 128), ("dit_txt2img", "dit", 128, 192),
+     ("dit_txt2img_sp2", "dit", 192, 128),  # sequence-parallel over two worker processes
+     ("txt2img_pipelined", "unet", 128, 128)],  # decoded on its own thread beside the steps
 )
 def test_serving_equals_in_process_diffusers(server, diffusers_pipes, model, kind, height, width):
     """Served image == diffusers pipeline image from the same components, within 2/255 per pixel."""
