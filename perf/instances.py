@@ -71,12 +71,12 @@ def amdahl(table, workers: int):
     return out
 
 
-def sim_settings(variant: str, settings: dict) -> dict:
-    from tessera.degrees import parse_rssp
+def sim_settings(settings: dict) -> dict:
+    """A variant's engine settings as simulate() keywords, parsed and defaulted by EngineConfig as the server does."""
+    from tessera.config import EngineConfig
 
-    s = dict(settings)
-    return {"policy": s["policy"], "placement": s.get("placement", "least-work"),
-            "fixed_degree": s.get("fixed_degree", 1), "rssp": parse_rssp(s.get("rssp", ""))}
+    c = EngineConfig(**settings)
+    return {"policy": c.policy, "placement": c.placement, "fixed_degree": c.fixed_degree, "rssp": c.degrees_per_size()}
 
 
 def measure_table(repo: Path, workers: int, repeats: int):
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             c, gap = served_cost(v, i)
             row["real"][v] = runs[v][i]["slo_attainment"]
             row["sim"][v] = sar(simulate(traces[i], cost=c, slo_ms=slo, workers=2, gap_s=gap, max_batch=args.max_batch,
-                                         **sim_settings(v, settings[v])))
+                                         **sim_settings(settings[v])))
         sim2.append(row)
     gaps = [abs(r["sim"][v] - r["real"][v]) for r in sim2 for v in variants]
 
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         tr = poisson(load * capacity * n / 2, args.duration, SIZES, SHARES, args.steps, args.seed + i)
         res = {}
         for v, s in variants_n.items():
-            out = simulate(tr, cost=cost_n, slo_ms=slo, workers=n, max_batch=4 * n, **sim_settings(v, s))
+            out = simulate(tr, cost=cost_n, slo_ms=slo, workers=n, max_batch=4 * n, **sim_settings(s))
             lat = [r.latency_ms for r in out if r.status == "ok"]
             res[v] = {"slo_attainment": sar(out), "p99_latency_ms": float(np.percentile(lat, 99)) if lat else None}
         simn.append({"load": load, "rate_rps": load * capacity * n / 2, "sim": res})

@@ -44,7 +44,7 @@ def _decode(pipeline, clock, s: RequestState) -> Decoded:
 
 
 class LoopDecode:
-    on_loop = True
+    """Decode at once, on the caller's (the step loop's) thread."""
 
     def __init__(self, pipeline, clock):
         self.pipeline, self.clock = pipeline, clock
@@ -62,7 +62,7 @@ class LoopDecode:
 
 
 class PipelinedDecode:
-    on_loop = False
+    """Decode on `threads` threads of its own; collect() hands back what is done."""
 
     def __init__(self, pipeline, clock, threads: int = 1):
         self.pipeline, self.clock = pipeline, clock
@@ -89,8 +89,6 @@ class PipelinedDecode:
 class VirtualPipelinedDecode:
     """PipelinedDecode on the simulator's virtual clock: one decode lane, each decode the cost model's finish
     time, started when the lane is free; waiting moves the clock to the next one done."""
-
-    on_loop = False
 
     def __init__(self, clock, cost):
         self.clock, self.cost = clock, cost
