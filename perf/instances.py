@@ -9,12 +9,12 @@ same comparison simulated at N = 8.
    resolutions with a large one, SLO per size = 5 x its isolated latency at degree 1 (through the server):
    fixed-1, fixed-2 (xDiT-style fixed degree, FCFS), rssp, edf-mh (least-work placement), edf-mh-rr
    (round-robin placement: the load-balancing baseline), tetris.
-3. The simulator replays every trace with the served engine's cost terms and its loop gap, and the degree
-   table measured in 1.; then at N = 8 workers, loads scaled to 8 workers, with T(size, k) for k = 4, 8
+3. The simulator replays every trace with the served engine's cost terms (its multi-set slowdown included) and
+   its loop gap, and the degree table measured in 1.; then at N = 8 workers, loads scaled to 8 workers, with T(size, k) for k = 4, 8
    ASSUMED from the measured k = 2 by Amdahl's law per size (serial fraction s = 2 T(2)/T(1) - 1).
 4. The group-knapsack round's decision time, 64 requests over 8 workers (median of repeats).
 
-Pipelined decode (issue 16 item 5) is not built: the file says so. Writes perf/results/instances.json (+ .png)
+Pipelined decode is measured by perf/pipelined.py. Writes perf/results/instances.json (+ .png)
 and perf/results/instances-sim.json (+ .png). Run: python -m perf.instances
 """
 
@@ -285,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     write_result(f"instances{suffix}", config, {
         "degree_table_measured": table, "rssp": rssp, "policies": runs, "tetris_vs_best_fixed": comparison,
         "placement_least_work_vs_round_robin": placement, "served_parallel_steps": served["parallel_steps"],
-        "dp_decision_time": dp,
-        "pipelined_decode": "not built: VAE decode runs on the engine's step loop (issue 16 item 5 open)"})
+        "dp_decision_time": dp, "degree_table_ratios": cost.degrees.to_json(), "profile_cost_terms": cost.terms(),
+        "pipelined_decode": "measured by perf/pipelined.py (perf/results/pipelined.json)"})
     write_result(f"instances-sim{suffix}", config, {
         "n2": sim2, "sim_vs_real_max_abs_gap": max(gaps), "sim_vs_real_mean_abs_gap": float(np.mean(gaps)),
         f"n{n}": simn, f"n{n}_ratios_assumed_amdahl": ratio_n, f"n{n}_rssp": rssp_n,

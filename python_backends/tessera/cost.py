@@ -69,6 +69,8 @@ class CostModel:
     gap_total_s: float = 0.0
     finishes: deque = field(default_factory=lambda: deque(maxlen=64))  # recent (latent cells, seconds)
     degrees: DegreeTable = field(default_factory=DegreeTable)  # denoiser workers and T(size, k) (issue 16)
+    multi_set: float = 1.0  # several worker sets stepping at once: measured step / the slowest set's predicted
+    # time (the sets share the host's cores, caches and memory bandwidth with each other and the engine), learned
 
     def observe_gap(self, seconds: float, alpha: float = 0.05) -> None:
         seconds = max(seconds, 0.0)
@@ -105,7 +107,7 @@ class CostModel:
     def terms(self) -> dict[str, float]:
         """Every number the policies plan with (exported as metrics; the simulator can replay them)."""
         return {"start_s": self.start_s, "finish_base_s": self.finish_base_s,
-                "finish_s_per_cell": self.finish_s_per_cell, "gap_s": self.gap_s,
+                "finish_s_per_cell": self.finish_s_per_cell, "gap_s": self.gap_s, "multi_set": self.multi_set,
                 **{f"step_{n}": float(c) for n, c in zip(STEP_FEATURES, self.predictor.coef, strict=True)}}
 
     @classmethod
@@ -117,7 +119,7 @@ class CostModel:
         pred.coef = np.array([terms.get(f"step_{n}", 0.0) if n in late else terms[f"step_{n}"] for n in STEP_FEATURES],
                              dtype=np.float64)
         return cls(pred, vae_factor, terms["start_s"], terms["finish_base_s"], terms["finish_s_per_cell"],
-                   terms["gap_s"])
+                   terms["gap_s"], multi_set=terms.get("multi_set", 1.0))  # absent before issue 16's refit
 
     def shape(self, states, adapted: Sequence[bool] | None = None) -> BatchShape:
         """The step's batch makeup. `adapted[i]`: whether request i steps with its adapters (the engine
@@ -137,7 +139,14 @@ class CostModel:
             return 0.0
         if self.degrees.workers == 1 or len(states) == 1:
             return self.predictor.predict(self.shape(states)) + self.gap_s
-        return max(self.group_s(g) for g in balance(states, self.degrees.workers, self.group_s) if g) + self.gap_s
+        sets = [g for g in balance(states, self.degrees.workers, self.group_s) if g]
+        return max(self.group_s(g) for g in sets) * (self.multi_set if len(sets) > 1 else 1.0) + self.gap_s
+
+    def sets_s(self, groups) -> float:
+        """The denoiser time of one step of worker sets `groups` = [(states, adapted, k)] stepping together: the
+        slowest set's, slowed by `multi_set` when several run at once."""
+        slowest = max(self.group_s(g, k, a) for g, a, k in groups)
+        return slowest * (self.multi_set if len(groups) > 1 else 1.0)
 
     def group_s(self, states, k: int = 1, adapted: Sequence[bool] | None = None) -> float:
         """The denoiser time of `states` batched on one set of k workers (no loop gap); `adapted` as in shape."""
@@ -150,11 +159,14 @@ class CostModel:
     def row_cells(self, states) -> int:
         return sum(h * w * r for h, w, r in self.shape(states).requests)
 
-    def observe_step(self, groups, measured_s: float) -> None:
+    def observe_step(self, groups, measured_s: float, alpha: float = 0.05) -> None:
         """Learn from a served step: `groups` = [(states, adapted, k)], one per worker set that ran. One group at
-        degree 1 refits the predictor; one group at degree k > 1 the degree table; several groups ran at once
-        (the step is their slowest): not attributable, not learned."""
-        if len(groups) != 1:
+        degree 1 refits the predictor; one group at degree k > 1 the degree table; several groups ran at once:
+        the step over their slowest set's prediction refits `multi_set` (moving average)."""
+        if len(groups) > 1:
+            slowest = max(self.group_s(g, k, a) for g, a, k in groups)
+            if slowest > 0 and math.isfinite(slowest) and measured_s > 0:
+                self.multi_set += alpha * (min(max(measured_s / slowest, 0.5), 4.0) - self.multi_set)
             return
         states, adapted, k = groups[0]
         shape = self.shape(states, adapted)

@@ -210,7 +210,7 @@ class Engine:
         before = tuple(s.step_index for s in batch)
         adapted = [bool(a) for a in rows] if rows is not None else [False] * len(batch)
         groups = groups_of(batch, adapted, places)  # one per worker set (one group on one worker)
-        predicted = max(self.cost.group_s(g, k, a) for g, a, k in groups) if self.cost is not None else None
+        predicted = self.cost.sets_s(groups) if self.cost is not None else None
         t0 = self.clock()
         # (3) one executor run for every advancing request (if it raises, the step fails as a whole)
         preds, stats = self.denoiser.run([self.pipeline.denoiser_inputs(s.run) for s in batch],

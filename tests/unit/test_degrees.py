@@ -174,6 +174,28 @@ def test_cost_step_with_workers_is_the_slowest_balanced_worker():
     assert [len(g) for g in balance([a, b, req("c")], 2, two.group_s)] == [2, 1]
 
 
+def test_multi_set_slowdown_is_learned_from_steps_of_several_sets_and_replayed():
+    """Steps where two worker sets ran at once teach `multi_set` (measured / slowest predicted set); it scales
+    every several-set prediction, survives terms() -> from_terms(), and one set alone is never scaled."""
+    cost = pool_cost()
+    a, b = req("a", size=256), req("b", size=256)
+    slowest = cost.group_s([a])
+    groups = [([a], [False], 1), ([b], [False], 1)]
+    assert cost.sets_s(groups) == pytest.approx(slowest)
+    for _ in range(200):
+        cost.observe_step(groups, 1.5 * slowest)
+    assert cost.multi_set == pytest.approx(1.5, rel=1e-3)
+    assert cost.sets_s(groups) == pytest.approx(1.5 * slowest, rel=1e-3)
+    assert cost.sets_s(groups[:1]) == pytest.approx(slowest)
+    assert cost.step_s([a, b]) == pytest.approx(1.5 * slowest, rel=1e-3)  # one each, on both workers
+    coef = cost.predictor.coef.copy()
+    cost.observe_step(groups, 100 * slowest)  # clipped: one outlier moves it by at most alpha x (4 - m)
+    assert cost.multi_set <= 1.5 + 0.05 * 2.5 + 1e-9 and np.array_equal(cost.predictor.coef, coef)
+    back = CostModel.from_terms(cost.terms(), 8)
+    assert back.multi_set == cost.multi_set
+    assert CostModel.from_terms({k: v for k, v in cost.terms().items() if k != "multi_set"}, 8).multi_set == 1.0
+
+
 def test_simulated_engine_on_two_workers_runs_tetris_plans():
     """The simulator's engine with 2 virtual workers: a large request runs at degree 2 (its steps take the
     table's time), every request is answered, and the placements are recorded."""

@@ -72,7 +72,8 @@ class _SimPipeline:
 
 class _SimDenoiser:
     """The denoiser's time only: the predictor's, or with several workers the slowest worker set's (each set
-    batched, at its degree's T(size, k) from the cost table), as the served workers step together."""
+    batched, at its degree's T(size, k) from the cost table) times the served multi-set slowdown, as the served
+    workers step together."""
 
     def __init__(self, clock: VirtualClock, cost: CostModel):
         self.clock, self.cost = clock, cost
@@ -80,7 +81,7 @@ class _SimDenoiser:
     def run(self, runs, adapters=None, controls=None, places=None):
         states = [RequestState("x", r.params, 0.0) for r in runs]
         groups = groups_of(states, [False] * len(states), places)
-        self.clock.t += max(self.cost.group_s(g, k) for g, _, k in groups)
+        self.clock.t += self.cost.sets_s(groups)
         n = len(runs)
         return [None] * n, CallStats((n,), (len({(r.params.height, r.params.width) for r in runs}),), (n,))
 
