@@ -109,6 +109,17 @@ def repo(work_dir, tiny_pipelines) -> Path:
         add_engine(path, "ref_engine", "ref_engine_cn_bls", executor="bls")  # the ControlNet models over BLS
         # the same model with entropy early exit on by default (tests/integration/test_early_exit_serving.py)
         add_engine(path, "ref_engine", "ref_engine_ee", entry="ref_txt2img_ee", early_exit="on")
+        discriminator = reference.parent / "discriminator"
+        if discriminator.is_dir():  # DiffServe's cascade (tests/integration/test_cascade_serving.py): the light
+            # pipeline is the reference at 1 step, so ref_engine serves both sides here
+            from tessera_export.repository import add_cascade, add_discriminator
+
+            add_discriminator(path, discriminator, "ref_discriminator")
+            for name, settings in (("ref_cascade_light", {"routing": "static", "threshold": 0.0}),
+                                   ("ref_cascade_defer", {"routing": "static", "threshold": 1.0}),
+                                   ("ref_cascade", {"routing": "controlled", "light_s": 0.05, "heavy_s": 0.5,
+                                                    "cores": 2, "control_s": 0.5})):
+                add_cascade(path, name, "ref_engine", "ref_engine", "ref_discriminator", light_steps=1, **settings)
     return path
 
 

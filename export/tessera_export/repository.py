@@ -28,7 +28,8 @@ from tessera.spec import PipelineSpec
 from tessera.config import EngineConfig
 from tessera.wire import (
     WARMUP_SAMPLE,
-    ENGINE_MODEL, ENTRY_INPUTS, ENTRY_MAX_BATCH, ENTRY_MODEL, OUTPUT_IMAGE, OUTPUT_PREVIEW, OUTPUT_STEPS, STREAM_INPUTS,
+    ENGINE_MODEL, ENTRY_INPUTS, ENTRY_MAX_BATCH, ENTRY_MODEL, OUTPUT_CONFIDENCE, OUTPUT_IMAGE, OUTPUT_MODEL,
+    OUTPUT_PREVIEW, OUTPUT_STEPS, STREAM_INPUTS,
 )
 
 from .onnx_export import OPSET, ComponentExport, down_residuals, export_component, plan_components, split_unet_components
@@ -39,6 +40,7 @@ COMPONENT_MAX_BATCH = 16
 SHIM_COMPONENT = "from tessera.triton.ort_model import TritonPythonModel  # noqa: F401\n"
 SHIM_ENTRY = "from tessera.triton.txt2img_model import TritonPythonModel  # noqa: F401\n"
 SHIM_ENGINE = "from tessera.triton.engine_model import TritonPythonModel  # noqa: F401\n"
+SHIM_CASCADE = "from tessera.triton.cascade_model import TritonPythonModel  # noqa: F401\n"
 _NP_TO_TRITON = {np.float32: "TYPE_FP32", np.int64: "TYPE_INT64", np.int32: "TYPE_INT32"}
 
 
@@ -451,3 +453,62 @@ def export_pipeline(
         f"{limits.min_size}..{limits.max_size} step {limits.size_multiple}) to {repo} in {time.monotonic() - t0:.1f}s"
     )
     return spec
+
+
+def add_discriminator(repo: str | Path, src: str | Path, name: str = "discriminator") -> Path:
+    """The cascade's discriminator as its own model (ONNX Runtime in the Python backend, as every CPU component):
+    `src` holds model.onnx and discriminator.json (its training record and deferral profile), as
+    tessera.quality.discriminator.train_discriminator writes them. uint8 image [H, W, 3] in, p_real [1] out."""
+    from tessera.quality.discriminator import INPUT, OUTPUT
+
+    repo, src = Path(repo), Path(src)
+    missing = [f for f in ("model.onnx", "discriminator.json") if not (src / f).exists()]
+    if missing:
+        raise ExportError(f"discriminator: {src} has no {missing[0]} (train one with `tessera train-discriminator`)")
+    vdir = repo / name / "1"
+    shutil.rmtree(repo / name, ignore_errors=True)
+    vdir.mkdir(parents=True)
+    for f in ("model.onnx", "discriminator.json"):
+        shutil.copy2(src / f, vdir / f)
+    (vdir / "model.py").write_text(SHIM_COMPONENT)
+    (repo / name / "config.pbtxt").write_text(
+        f'name: "{name}"\nbackend: "python"\nmax_batch_size: {COMPONENT_MAX_BATCH}\n'
+        + _io_block("input", [(INPUT, "TYPE_UINT8", [-1, -1, 3], False, False)])
+        + _io_block("output", [(OUTPUT, "TYPE_FP32", [1], False, False)])
+        + "dynamic_batching { max_queue_delay_microseconds: 0 }\ninstance_group [ { count: 1 kind: KIND_CPU } ]\n"
+        + _parameters({"intra_op_threads": 1}))
+    return vdir
+
+
+def add_cascade(repo: str | Path, name: str, light: str, heavy: str, discriminator: str = "discriminator",
+                max_in_flight: int = 64, **settings) -> Path:
+    """The cascade entry `name` (DiffServe): `light` and `heavy` are engine models of this repository,
+    `discriminator` the model add_discriminator wrote. `settings`: the CascadeSettings fields (routing, threshold,
+    defer_fraction, light_steps, control_s, seed) and, for routing controlled, light_s / heavy_s (seconds per
+    request alone) and cores (the host's, shared by both pipelines). Checked here, as the model checks them."""
+    from tessera.cascade import CascadeSettings
+
+    repo = Path(repo)
+    for model in (light, heavy, discriminator):
+        if not (repo / model / "config.pbtxt").exists():
+            raise ExportError(f"cascade: model {model!r} is not in {repo}")
+    known = {f.name for f in dataclasses.fields(CascadeSettings)} | {"light_s", "heavy_s", "cores"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ExportError(f"{unknown[0]}: not a cascade setting; allowed {', '.join(sorted(known))}")
+    CascadeSettings.from_parameters({k: str(v) for k, v in settings.items()})
+    if str(settings.get("routing", "controlled")) == "controlled" and not {"light_s", "heavy_s"} <= set(settings):
+        raise ExportError("light_s, heavy_s: required for routing controlled (seconds per request, alone)")
+    ins = [(s.name, f"TYPE_{s.triton_type}", list(s.dims), s.optional, False) for s in ENTRY_INPUTS]
+    outs = [(OUTPUT_IMAGE, "TYPE_UINT8", [-1, -1, 3], False, False), (OUTPUT_STEPS, "TYPE_INT32", [1], False, False),
+            (OUTPUT_MODEL, "TYPE_STRING", [1], False, False), (OUTPUT_CONFIDENCE, "TYPE_FP32", [1], False, False)]
+    shutil.rmtree(repo / name, ignore_errors=True)
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "1" / "model.py").write_text(SHIM_CASCADE)
+    (repo / name / "config.pbtxt").write_text(
+        f'name: "{name}"\nbackend: "python"\nmax_batch_size: {ENTRY_MAX_BATCH}\n'
+        + _io_block("input", ins) + _io_block("output", outs)
+        + "instance_group [ { count: 1 kind: KIND_CPU } ]\n"
+        + _parameters({"light": light, "heavy": heavy, "discriminator": discriminator, "max_in_flight": max_in_flight,
+                       **{k: str(v) for k, v in settings.items()}}))
+    return repo / name

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import TesseraError
 from .options import (CfgParallel, ControlMode, Decode, DenoiseMode, EarlyRefusal, Executor, OnHopeless, Placement,
-                      PolicyName, Runtime, Switch)
+                      PolicyName, Routing, Runtime, Switch)
 
 
 def _cmd_build_tiny(a: argparse.Namespace) -> int:
@@ -148,6 +148,32 @@ def _cmd_train_controlnet(a: argparse.Namespace) -> int:
                               seed=a.seed, settings=settings, eval_images=a.eval_images, eval_steps=a.eval_steps,
                               evaluator_path=a.evaluator or None, command=command)
     print(f"[tessera] train-controlnet: {report['kinds']}")
+    return 0
+
+
+def _cmd_train_discriminator(a: argparse.Namespace) -> int:
+    from .quality.discriminator import train_discriminator
+
+    _single_thread()
+    record = train_discriminator(a.out, a.light, a.heavy, a.evaluator, light_steps=a.light_steps,
+                                 heavy_steps=a.heavy_steps, per_kind=a.images, held_out=a.held_out, steps=a.steps,
+                                 seed=a.seed)
+    print(f"[tessera] train-discriminator: {record['held_out']}")
+    return 0
+
+
+def _cmd_cascade(a: argparse.Namespace) -> int:
+    from tessera_export.repository import add_cascade, add_discriminator
+
+    add_discriminator(a.repo, a.discriminator_dir, a.discriminator)
+    settings = {"routing": a.routing, "threshold": a.threshold, "defer_fraction": a.defer_fraction,
+                "light_steps": a.light_steps, "control_s": a.control_s}
+    if a.light_s is not None and a.heavy_s is not None:
+        settings |= {"light_s": a.light_s, "heavy_s": a.heavy_s}
+    if a.cores is not None:
+        settings["cores"] = a.cores
+    add_cascade(a.repo, a.name, a.light, a.heavy, a.discriminator, max_in_flight=a.max_in_flight, **settings)
+    print(f"[tessera] cascade: {a.name} in {a.repo} ({a.light} -> {a.heavy}, routing {a.routing})")
     return 0
 
 
@@ -448,6 +474,41 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--evaluator", default="quality_models/evaluator.pt", help="the main evaluator ('' to skip)")
     tc.add_argument("--seed", type=int, default=0, help="seed of the weights, the data and the evaluation")
     tc.set_defaults(fn=_cmd_train_controlnet)
+
+    td = sub.add_parser("train-discriminator", help="train the cascade's discriminator (real rendered vs generated "
+                                                    "images), export it to ONNX, measure its deferral profile")
+    td.add_argument("out", help="model.onnx, discriminator.pt and discriminator.json (record + profile) go here")
+    td.add_argument("--light", default="quality_models/heavy", help="the light pipeline (diffusers directory)")
+    td.add_argument("--light-steps", type=int, default=1, help="the light pipeline's steps")
+    td.add_argument("--heavy", default="quality_models/heavy", help="the heavy pipeline (diffusers directory)")
+    td.add_argument("--heavy-steps", type=int, default=50, help="the heavy pipeline's steps")
+    td.add_argument("--evaluator", default="quality_models/evaluator.pt", help="judges held-out images right/wrong")
+    td.add_argument("--images", type=int, default=576, help="generated training images per pipeline (real: twice)")
+    td.add_argument("--held-out", type=int, default=288, help="held-out images per pipeline for the profile")
+    td.add_argument("--steps", type=int, default=600, help="training steps (batch 64)")
+    td.add_argument("--seed", type=int, default=0, help="seed of the weights, data and held-out set")
+    td.set_defaults(fn=_cmd_train_discriminator)
+
+    ca = sub.add_parser("cascade", help="add a DiffServe cascade entry (light engine -> discriminator -> heavy "
+                                        "engine) and its discriminator model to a repository")
+    ca.add_argument("repo", help="the model repository (holding both engines)")
+    ca.add_argument("discriminator_dir", help="what train-discriminator wrote (model.onnx, discriminator.json)")
+    ca.add_argument("--name", default="cascade", help="the cascade entry's model name")
+    ca.add_argument("--light", default="light_engine", help="the light pipeline's engine model")
+    ca.add_argument("--heavy", default="engine", help="the heavy pipeline's engine model")
+    ca.add_argument("--discriminator", default="discriminator", help="the discriminator's model name")
+    ca.add_argument("--routing", default="controlled", choices=[r.value for r in Routing],
+                    help="controlled (MILP threshold from demand), static, random, light or heavy")
+    ca.add_argument("--threshold", type=float, default=0.5, help="static threshold on P(real) (controlled: the first)")
+    ca.add_argument("--defer-fraction", type=float, default=0.3, help="random routing's deferred share")
+    ca.add_argument("--light-steps", type=int, default=1, help="steps the light engine runs each request")
+    ca.add_argument("--control-s", type=float, default=2.0, help="seconds between the controller's decisions")
+    ca.add_argument("--light-s", type=float, default=None, help="seconds per request of light + discriminator, alone "
+                                                              "(required for controlled)")
+    ca.add_argument("--heavy-s", type=float, default=None, help="seconds per request of the heavy engine, alone")
+    ca.add_argument("--cores", type=float, default=None, help="cores both pipelines share (default: the host's)")
+    ca.add_argument("--max-in-flight", type=int, default=64, help="requests in flight before overload answers")
+    ca.set_defaults(fn=_cmd_cascade)
 
     lp = sub.add_parser("lora-profile", help="profile each adapter's BAL step K per step count (cosine of "
                                              "latents with and without it), written beside the adapter")

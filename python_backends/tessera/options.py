@@ -114,3 +114,13 @@ class CfgParallel(Option):
 class ControlMode(Option):
     SYNC = "sync"  # every step's residuals from this step's ControlNet calls (exact)
     ASYNC = "async"  # the decoder takes the previous step's residuals; ControlNets run beside the whole UNet
+
+
+class Routing(Option):
+    """How the cascade entry (DiffServe, issue 17) picks the model that answers a request."""
+
+    CONTROLLED = "controlled"  # the discriminator's confidence against a threshold the controller re-chooses
+    STATIC = "static"  # the discriminator's confidence against a fixed threshold
+    RANDOM = "random"  # a fixed fraction deferred at random, whatever the image (the routing baseline)
+    LIGHT = "light"  # the light pipeline answers every request
+    HEAVY = "heavy"  # the heavy pipeline answers every request (the light one never runs)

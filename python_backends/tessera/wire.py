@@ -44,6 +44,8 @@ ENTRY_INPUTS: tuple[InputSpec, ...] = (
     InputSpec("control_image", np.uint8, "UINT8", optional=True, dims=(-1, -1, -1)),  # [H, W, 1 | 3 | 3K]
 )
 ENTRY_INPUT_NAMES = tuple(s.name for s in ENTRY_INPUTS)
+OUTPUT_MODEL = "model"  # cascade entry only: STRING [batch, 1], "light" or "heavy" (which pipeline made the image)
+OUTPUT_CONFIDENCE = "confidence"  # cascade entry only: FP32 [batch, 1], the discriminator's P(real) of the light image (-1: not scored)
 OUTPUT_PREVIEW = "preview"  # engine only: UINT8 [1, h, w, 3] latent-resolution preview with progress
 STREAM_INPUTS = ("progress", "preview")  # engine only, optional BOOL [batch, 1]
 SERVER_HTTP_ENV = "TESSERA_TRITON_HTTP"  # host:port of the server's HTTP endpoint, set by tessera serve

@@ -14,7 +14,7 @@ TOOLS = {"client.py", "cli.py", "demo.py", "openai_front.py"}  # client-side too
 FORBIDDEN = {"triton_python_backend_utils", "tritonclient", "tessera_export"}
 PURE_CORE = ("engine", "scheduler", "plan", "request", "cost", "predictor", "early_exit", "patch_index", "errors",
              "options", "interfaces", "config", "loop", "fanin", "faults", "bench.simulate",
-             "lora_spec", "lora_registry", "lora_cache", "bal")
+             "lora_spec", "lora_registry", "lora_cache", "bal", "cascade", "cascade_control")
 
 
 def _imports(path: Path) -> set[str]:

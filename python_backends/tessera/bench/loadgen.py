@@ -25,6 +25,9 @@ class Record:
     message: str = ""
     steps_run: int | None = None  # the response's `step` output
     image: np.ndarray | None = field(default=None, repr=False)  # kept with replay(keep_images=True)
+    served_by: str | None = None  # a cascade entry's `model` output: "light" or "heavy"
+    confidence: float | None = None  # a cascade entry's `confidence` output (the discriminator's P(real))
+    prompt: str = ""
 
     @property
     def met(self) -> bool:
@@ -66,6 +69,12 @@ def replay(url: str, model: str, trace: Trace, slo_ms: dict[tuple[int, int], flo
                 rec.steps_run = int(steps.reshape(-1)[0]) if steps is not None else None
                 if keep_images:
                     rec.image = result.as_numpy("image")[0]
+                by, conf = result.as_numpy("model"), result.as_numpy("confidence")
+                if by is not None:
+                    b = by.reshape(-1)[0]
+                    rec.served_by = b.decode() if isinstance(b, bytes) else str(b)
+                if conf is not None:
+                    rec.confidence = float(conf.reshape(-1)[0])
         else:
             rec.message = str(error.message() if hasattr(error, "message") else error)[:300]
             rec.status = classify(rec.message)
@@ -96,7 +105,7 @@ def replay(url: str, model: str, trace: Trace, slo_ms: dict[tuple[int, int], flo
         arrays = request_arrays(r.prompt, r.height, r.width, r.steps, guidance, r.seed,
                                 slo_ms=int(slo) if send_slo else None)
         sent = time.perf_counter()
-        rec = Record(sent - t0, r.height, r.width, slo)
+        rec = Record(sent - t0, r.height, r.width, slo, prompt=r.prompt)
         records.append(rec)
         sent_at.append(sent)
         if stream:

@@ -1,0 +1,238 @@
+"""The cascade entry (DiffServe, issue 17): one request in, one image out, from the light or the heavy pipeline.
+
+Per request, on a forwarding thread: (1) the light engine runs it at `light_steps` steps (BLS, decoupled, like the
+txt2img facade); (2) the discriminator model scores the light image, P(real); (3) the router keeps the light image
+when the confidence clears the threshold, else (4) the heavy engine runs the request with what is left of its SLO
+(a deadline covers light + discriminator + heavy). The response carries `image`, `step`, `model` ("light" or
+"heavy") and `confidence`. With routing `controlled`, the Controller re-chooses the threshold and the heavy
+pipeline's in-flight cap from demand every `control_s` seconds (cascade_control.py), exported as metrics; a
+deferral that finds the heavy pipeline at its cap, out of time, or refused by the heavy engine for its deadline is
+answered with the light image (quality falls before deadlines do). Other routings: static, random, light, heavy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from ..cascade import CascadeSettings, DeferralProfile, Route, Router
+from ..cascade_control import Controller, ServiceCosts
+from ..errors import ConfigError, DeadlineUnreachableError, InvalidInputError, OverloadedError, from_message
+from ..inputs import parse_request
+from ..options import Routing
+from ..spec import PipelineSpec
+from ..wire import ENTRY_INPUT_NAMES, OUTPUT_CONFIDENCE, OUTPUT_IMAGE, OUTPUT_MODEL, OUTPUT_STEPS
+from .common import input_or_none, int_param, parameters, setup_logging
+from .errors import error_response, relayed_error
+
+log = logging.getLogger("tessera.triton.cascade")
+FALLBACK = (DeadlineUnreachableError, OverloadedError)  # heavy engine answers after which the light image serves
+
+
+class Relayed(Exception):
+    """An engine's or the discriminator's error answer, relayed with its message (and so its class tag)."""
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        setup_logging()
+        params = parameters(args)
+        self.name = args["model_name"]
+        missing = [k for k in ("light", "heavy", "discriminator") if k not in params]
+        if missing:
+            raise ConfigError(f"{missing[0]}: required parameter of the cascade entry (a model name)")
+        self.light, self.heavy, self.discriminator = params["light"], params["heavy"], params["discriminator"]
+        self.settings = CascadeSettings.from_parameters(params)
+        self.router = Router(self.settings)
+        repo = Path(args["model_repository"]).parent
+        light_dir = repo / self.light / "1"
+        spec = PipelineSpec.load(light_dir / "manifest.json")
+        from transformers import CLIPTokenizer
+
+        self.limits = spec.limits
+        self.tokenizers = [CLIPTokenizer.from_pretrained(light_dir / d) for d in spec.tokenizers]
+        self.controller = None
+        if self.settings.routing is Routing.CONTROLLED:
+            record = json.loads((repo / self.discriminator / "1" / "discriminator.json").read_text())
+            try:
+                costs = ServiceCosts(float(params["light_s"]), float(params["heavy_s"]))
+            except (KeyError, ValueError) as e:
+                raise ConfigError(f"light_s, heavy_s: required for routing controlled (seconds per request, "
+                                  f"alone), got {params.get('light_s')!r}, {params.get('heavy_s')!r}") from e
+            cores = float(params.get("cores", os.cpu_count() or 1))
+            self.controller = Controller(DeferralProfile.from_json(record["profile"]), costs, cores,
+                                         self.settings.control_s, start_threshold=self.settings.threshold)
+        self.max_in_flight = int_param(params, "max_in_flight", 256)
+        self.in_flight = 0
+        self.heavy_in_flight = 0
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(max_workers=self.max_in_flight, thread_name_prefix="tessera-cascade")
+        self._metrics()
+        log.info("[tessera] loaded %s: cascade %s -> %s by %s (routing %s)", self.name, self.light, self.heavy,
+                 self.discriminator, self.settings.routing)
+
+    def _metrics(self) -> None:
+        labels = {"model": self.name}
+        self.families = {}
+
+        def family(name, desc, kind):
+            return self.families.setdefault(name, pb_utils.MetricFamily(name=name, description=desc, kind=kind))
+
+        def gauge(name, desc):
+            return family(name, desc, pb_utils.MetricFamily.GAUGE).Metric(labels=labels)
+
+        answers = family("tessera_cascade_answers_total", "Cascade answers by the pipeline that made the image and why",
+                         pb_utils.MetricFamily.COUNTER)
+        self.answers = {(m, r): answers.Metric(labels={**labels, "pipeline": m, "reason": r.replace(" ", "_")})
+                        for m, r in (("light", "confident"), ("light", "light only"), ("light", "random"),
+                                     ("light", "heavy at its cap"), ("light", "heavy out of time"),
+                                     ("heavy", "below threshold"), ("heavy", "random"), ("heavy", "heavy only"))}
+        self.g_threshold = gauge("tessera_cascade_threshold", "The threshold on P(real) in force")
+        self.g_demand = gauge("tessera_cascade_demand_rps", "The controller's demand estimate (moving average)")
+        self.g_deferral = gauge("tessera_cascade_expected_deferral", "f(threshold): the profile's deferred share")
+        self.g_heavy_cap = gauge("tessera_cascade_heavy_cap", "Deferred requests allowed in flight (Little's law)")
+        self.g_light_cores = gauge("tessera_cascade_light_cores", "Cores the controller's plan gives the light pipeline")
+        self.g_heavy_cores = gauge("tessera_cascade_heavy_cores", "Cores the controller's plan gives the heavy pipeline")
+        self.g_solve = gauge("tessera_cascade_solve_ms", "The last MILP's solve time, ms")
+        self.g_feasible = gauge("tessera_cascade_feasible", "1 when the last plan met the demand, 0 when overloaded")
+        self.g_threshold.set(self.settings.threshold)
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                tensors = {n: input_or_none(request, n) for n in ENTRY_INPUT_NAMES}
+                items = parse_request(tensors, self.limits, self._count_tokens, adapters=None, controlnets=None)
+                if len(items) != 1:
+                    raise InvalidInputError("prompt", "batch size", "one image per cascade request", len(items))
+            except Exception as e:  # noqa: BLE001 - answered per request
+                sender.send(error_response(e), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
+            with self.lock:
+                full = self.in_flight >= self.max_in_flight
+                self.in_flight += 0 if full else 1
+            if full:
+                sender.send(error_response(OverloadedError(
+                    f"{self.name}: overloaded; allowed at most {self.max_in_flight} requests in flight, got one more")),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
+            arrays = {t.name(): np.array(t.as_numpy(), copy=True) for t in request.inputs()}
+            self.pool.submit(self._serve, arrays, items[0].slo_ms, sender, time.monotonic())
+        return None
+
+    def _serve(self, arrays: dict[str, np.ndarray], slo_ms: int | None, sender, t0: float) -> None:
+        """One request, arrived at t0 (monotonic): every exit sends its one response."""
+        try:
+            answer = self._cascade(arrays, slo_ms, t0)
+        except Relayed as e:
+            answer = pb_utils.InferenceResponse(error=relayed_error(str(e)))
+        except Exception as e:  # noqa: BLE001 - every request gets its one response
+            log.warning("[tessera] %s: %s", self.name, e)
+            answer = error_response(e)
+        with self.lock:
+            self.in_flight -= 1
+        sender.send(answer, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def _cascade(self, arrays, slo_ms, t0):
+        threshold, heavy_cap = self.settings.threshold, None
+        if self.controller is not None:
+            plan = self.controller.arrive(slo_ms / 1e3 if slo_ms else None)
+            threshold, heavy_cap = plan.threshold, plan.heavy_cap
+            self._publish(plan)
+        light = confidence = None
+        if self.router.runs_light:
+            light = self._engine(self.light, {**arrays, "steps": np.full_like(arrays["steps"], self.settings.light_steps)})
+            if self.router.scores:
+                confidence = self._score(light[0])
+        route = self.router.route(confidence, threshold)
+        if route.defer and light is not None:
+            route = self._admit_heavy(route, heavy_cap)
+        if not route.defer:
+            return self._answer(light, "light", route, confidence)
+        try:
+            return self._defer(arrays, slo_ms, t0, light, route, confidence)
+        finally:
+            if light is not None:  # the slot _admit_heavy took
+                with self.lock:
+                    self.heavy_in_flight -= 1
+
+    def _defer(self, arrays, slo_ms, t0, light, route: Route, confidence):
+        """(4) The heavy engine, with what is left of the SLO; the light image if it is out of time or refused."""
+        feeds = dict(arrays)
+        if slo_ms:
+            left = int(slo_ms - 1e3 * (time.monotonic() - t0))
+            if left <= 0 and light is not None:
+                return self._answer(light, "light", Route(False, "heavy out of time"), confidence)
+            feeds["slo_ms"] = np.full_like(arrays["slo_ms"], max(left, 1))
+        try:
+            heavy = self._engine(self.heavy, feeds)
+        except Relayed as e:
+            if light is None or not issubclass(from_message(str(e)) or Exception, FALLBACK):
+                raise
+            return self._answer(light, "light", Route(False, "heavy out of time"), confidence)
+        return self._answer(heavy, "heavy", route, confidence)
+
+    def _admit_heavy(self, route: Route, cap: int | None) -> Route:
+        """A deferral takes a heavy slot, unless the controller's cap is reached (then the light image serves)."""
+        with self.lock:
+            if cap is not None and self.heavy_in_flight >= cap:
+                return Route(False, "heavy at its cap")
+            self.heavy_in_flight += 1
+        return route
+
+    def _publish(self, plan) -> None:
+        self.g_threshold.set(plan.threshold)
+        self.g_demand.set(plan.demand_rps)
+        self.g_deferral.set(plan.deferral)
+        self.g_heavy_cap.set(plan.heavy_cap)
+        self.g_light_cores.set(plan.light_cores)
+        self.g_heavy_cores.set(plan.heavy_cores)
+        self.g_solve.set(plan.solve_ms)
+        self.g_feasible.set(1 if plan.feasible else 0)
+
+    def _answer(self, result, model: str, route: Route, confidence: float | None):
+        image, steps = result
+        self.answers[(model, route.reason)].increment(1)
+        return pb_utils.InferenceResponse([
+            pb_utils.Tensor(OUTPUT_IMAGE, image), pb_utils.Tensor(OUTPUT_STEPS, steps),
+            pb_utils.Tensor(OUTPUT_MODEL, np.array([[model.encode()]], dtype=np.object_)),
+            pb_utils.Tensor(OUTPUT_CONFIDENCE, np.array([[-1.0 if confidence is None else confidence]], dtype=np.float32)),
+        ])
+
+    def _engine(self, engine: str, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The final image and steps of one request on a decoupled engine; Relayed on its error answer."""
+        bls = pb_utils.InferenceRequest(model_name=engine, inputs=[pb_utils.Tensor(k, v) for k, v in arrays.items()],
+                                        requested_output_names=[OUTPUT_IMAGE, OUTPUT_STEPS])
+        out = None
+        for response in bls.exec(decoupled=True):
+            if response.has_error():
+                raise Relayed(response.error().message())
+            image = pb_utils.get_output_tensor_by_name(response, OUTPUT_IMAGE)
+            if image is not None:
+                steps = pb_utils.get_output_tensor_by_name(response, OUTPUT_STEPS)
+                out = (image.as_numpy().copy(), steps.as_numpy().copy() if steps is not None
+                       else np.zeros((1, 1), np.int32))
+        if out is None:
+            raise Relayed(f"{engine}: finished without an image")
+        return out
+
+    def _score(self, image: np.ndarray) -> float:
+        response = pb_utils.InferenceRequest(model_name=self.discriminator, requested_output_names=["p_real"],
+                                             inputs=[pb_utils.Tensor("image", np.ascontiguousarray(image))]).exec()
+        if response.has_error():
+            raise Relayed(f"{self.discriminator}: {response.error().message()}")
+        return float(pb_utils.get_output_tensor_by_name(response, "p_real").as_numpy().reshape(-1)[0])
+
+    def _count_tokens(self, text: str) -> int:
+        return max(len(tok(text).input_ids) for tok in self.tokenizers)
+
+    def finalize(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=False)

@@ -1,0 +1,76 @@
+"""DiffServe's cascade through the real server (issue 17): the committed reference serves as both pipelines (light
+= 1 step), the committed discriminator scores. A deferred request's image equals the heavy pipeline's for the same
+seed; a kept one is the light pipeline's with the discriminator's own score; the controlled cascade answers every
+request and exports its plan."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from conftest import metric
+from tessera.client import infer, infer_inputs, make_client, request_arrays
+
+pytestmark = pytest.mark.integration
+PROMPT = "a blue square at bottom right"
+
+
+def cascade(client, model: str, steps: int, seed: int, **kw):
+    """(image [64, 64, 3], steps run, model that answered, confidence)."""
+    arrays = request_arrays(PROMPT, 64, 64, steps, 4.0, seed, **kw)
+    r = client.infer(model, infer_inputs("grpc", arrays))
+    return (r.as_numpy("image")[0], int(r.as_numpy("step").reshape(-1)[0]), r.as_numpy("model").reshape(-1)[0].decode(),
+            float(r.as_numpy("confidence").reshape(-1)[0]))
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    if not (server.repo / "ref_cascade").is_dir():
+        pytest.skip("no committed discriminator")
+    c = make_client("grpc", server.grpc_url)
+    yield c
+    c.close()
+
+
+def score(client, image: np.ndarray) -> float:
+    inp = grpcclient.InferInput("image", [1, *image.shape], "UINT8")
+    inp.set_data_from_numpy(image[None])
+    return float(client.infer("ref_discriminator", [inp]).as_numpy("p_real").reshape(-1)[0])
+
+
+def test_deferred_request_equals_the_heavy_pipeline_for_the_same_seed(client):
+    image, steps, by, conf = cascade(client, "ref_cascade_defer", 10, seed=3)
+    assert by == "heavy" and steps == 10 and 0.0 <= conf < 1.0
+    heavy, heavy_steps = infer(client, "grpc", request_arrays(PROMPT, 64, 64, 10, 4.0, 3), model="ref_txt2img")
+    assert heavy_steps[0] == 10
+    assert np.abs(image.astype(int) - heavy[0].astype(int)).max() <= 1  # within 1/255
+
+
+def test_kept_request_is_the_light_image_with_the_discriminators_score(client):
+    image, steps, by, conf = cascade(client, "ref_cascade_light", 10, seed=4)
+    assert by == "light" and steps == 1
+    light, _ = infer(client, "grpc", request_arrays(PROMPT, 64, 64, 1, 4.0, 4), model="ref_txt2img")
+    assert np.abs(image.astype(int) - light[0].astype(int)).max() <= 1
+    assert conf == pytest.approx(score(client, image), abs=1e-5)
+
+
+def test_bad_input_names_the_field_and_the_cascade_stays_up(client):
+    with pytest.raises(Exception, match="steps: .*allowed"):
+        cascade(client, "ref_cascade", 0, seed=1)
+    assert cascade(client, "ref_cascade_light", 4, seed=1)[2] == "light"
+
+
+def test_controlled_cascade_answers_every_request_and_exports_its_plan(server, client):
+    seen = []
+    for seed in range(12):
+        image, steps, by, conf = cascade(client, "ref_cascade", 6, seed=seed, slo_ms=20_000)
+        assert image.shape == (64, 64, 3) and by in ("light", "heavy") and 0.0 <= conf <= 1.0
+        assert steps == (1 if by == "light" else 6)
+        seen.append(by)
+    answers = sum(metric(server, "tessera_cascade_answers_total", "ref_cascade", pipeline=m, reason=r)
+                  for m, r in (("light", "confident"), ("light", "heavy_at_its_cap"), ("light", "heavy_out_of_time"),
+                               ("heavy", "below_threshold")))
+    assert answers == 12
+    threshold = metric(server, "tessera_cascade_threshold", "ref_cascade")
+    assert 0.0 <= threshold <= 1.0
