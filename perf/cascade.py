@@ -44,6 +44,8 @@ GUIDANCE = 4.0  # the reference pipelines' guidance (quality harness)
 def build_parser():
     ap = parser("cascade", __doc__)
     ap.add_argument("--models", default="quality_models", help="holds heavy/, evaluator.pt, discriminator/")
+    ap.add_argument("--discriminator", default="", help="what train-discriminator wrote (default: MODELS/discriminator)")
+    ap.add_argument("--tag", default="", help="suffix of the result files (cascade-TAG.json)")
     ap.add_argument("--steps", type=int, default=50, help="the heavy pipeline's steps (its default)")
     ap.add_argument("--light-steps", type=int, default=1, help="the light pipeline's steps")
     ap.add_argument("--slo-scale", type=float, default=4.0, help="SLO = k x the heavy pipeline's isolated latency")
@@ -134,14 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     from tessera_export.repository import add_cascade, add_discriminator, add_engine, export_pipeline
 
     models = Path(args.models)
-    record = json.loads((models / "discriminator" / "discriminator.json").read_text())
+    disc_dir = Path(args.discriminator) if args.discriminator else models / "discriminator"
+    record = json.loads((disc_dir / "discriminator.json").read_text())
     profile = DeferralProfile.from_json(record["profile"])
     work = Path(tempfile.mkdtemp(prefix="tessera-cascade-"))
     repo = work / "repo"
     engine = dict(executor="local", policy="edf-mh", max_batch=8, max_in_flight=128, profile_sizes="64x64")
     export_pipeline(models / "heavy", repo, engine_config=EngineConfig(**engine), progress=lambda *_: None)
     add_engine(repo, "engine", "light_engine", **engine)
-    add_discriminator(repo, models / "discriminator")
+    add_discriminator(repo, disc_dir)
     common = dict(light_steps=args.light_steps, control_s=args.control_s)
     add_cascade(repo, "cascade_heavy", "light_engine", "engine", routing="heavy", **common)
     add_cascade(repo, "cascade_light", "light_engine", "engine", routing="light", **common)
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         captions = [lb.caption for lb in all_labels()]
         trace = dataclasses.replace(trace, requests=tuple(dataclasses.replace(r, prompt=captions[i % len(captions)])
                                                           for i, r in enumerate(trace.requests)))
-        trace.save(RESULTS / "traces" / "cascade.json")
+        trace.save(RESULTS / "traces" / f"cascade{'-' + args.tag if args.tag else ''}.json")
         duration = trace.params["hours"] * args.seconds_per_hour
         slo = {SIZE: slo_ms}
 
@@ -208,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     # quality accounting on what was returned
     real = real_features(ev, 1000)
     returned = {v: [r for r in recs if r.status == "ok" and r.image is not None] for v, recs in runs.items()}
-    n_fd = args.fd_n or min(len(x) for x in returned.values())
+    from tessera.quality.accounting import MIN_FD_IMAGES
+
+    n_fd = args.fd_n or max(min(len(x) for x in returned.values()), MIN_FD_IMAGES)  # fewer: that variant has no FD
     # seed floor: two in-process heavy sets, the trace's first n_fd prompts, seeds apart
     prompts = [r.prompt for r in trace.requests[:n_fd]]
     jobs_a = [(parse_caption(p), 10_000 + i) for i, p in enumerate(prompts)]
@@ -259,18 +264,19 @@ def main(argv: list[str] | None = None) -> int:
                            "service_costs": dataclasses.asdict(costs), "rate_band_rps": [lo, hi],
                            "trace_requests": len(trace.requests), "trace_duration_s": duration,
                            "discriminator": {k: record[k] for k in ("held_out", "train", "light", "heavy")}}
-    write_result("cascade", config, {
+    suffix = f"-{args.tag}" if args.tag else ""
+    write_result(f"cascade{suffix}", config, {
         "variants": variants, "seed_floor_fd": seed_floor, "fd_n": n_fd, "static_threshold": static_t,
         "random_defer_fraction": deferral, "controller_series": series,
         "milp_solve_ms": {"median": statistics.median(solve_ms), "p99": float(np.percentile(solve_ms, 99)),
                           "decisions": len(solve_ms)},
         "goals": goals})
-    _plot(variants, series, trace, lo, hi, args.seconds_per_hour, seed_floor)
+    _plot(variants, series, trace, args.seconds_per_hour, seed_floor, suffix)
     print(f"[tessera] cascade: {json.dumps(goals)}", flush=True)
     return 0
 
 
-def _plot(variants, series, trace, lo, hi, sph, floor) -> None:
+def _plot(variants, series, trace, sph, floor, suffix: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -300,7 +306,7 @@ def _plot(variants, series, trace, lo, hi, sph, floor) -> None:
     axes[2].set_title("FD (evaluator features) vs real images, same N", fontsize=9)
     axes[2].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "cascade.png", dpi=120)
+    fig.savefig(RESULTS / f"cascade{suffix}.png", dpi=120)
 
 
 if __name__ == "__main__":

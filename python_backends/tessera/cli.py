@@ -163,8 +163,10 @@ def _cmd_train_discriminator(a: argparse.Namespace) -> int:
 
 
 def _cmd_cascade(a: argparse.Namespace) -> int:
-    from tessera_export.repository import add_cascade, add_discriminator
+    from tessera_export.repository import add_cascade, add_discriminator, add_engine
 
+    if a.light_from:
+        add_engine(a.repo, a.light_from, a.light)
     add_discriminator(a.repo, a.discriminator_dir, a.discriminator)
     settings = {"routing": a.routing, "threshold": a.threshold, "defer_fraction": a.defer_fraction,
                 "light_steps": a.light_steps, "control_s": a.control_s}
@@ -495,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("discriminator_dir", help="what train-discriminator wrote (model.onnx, discriminator.json)")
     ca.add_argument("--name", default="cascade", help="the cascade entry's model name")
     ca.add_argument("--light", default="light_engine", help="the light pipeline's engine model")
+    ca.add_argument("--light-from", default="", help="first create --light as an engine over the same components "
+                                                     "as this engine (the light pipeline: its weights at --light-steps)")
     ca.add_argument("--heavy", default="engine", help="the heavy pipeline's engine model")
     ca.add_argument("--discriminator", default="discriminator", help="the discriminator's model name")
     ca.add_argument("--routing", default="controlled", choices=[r.value for r in Routing],

@@ -38,8 +38,8 @@ class Discriminator(nn.Module):
 
     def logit(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float().permute(0, 3, 1, 2) / 127.5 - 1.0
-        if x.shape[-2:] != (SIZE, SIZE):
-            x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+        # always resized (identity at 64 x 64), so the exported graph resizes every size it is given
+        x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
         return self.head(self.conv(x).mean(dim=(2, 3)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -97,10 +97,13 @@ def export_onnx(model: Discriminator, path: str | Path) -> float:
                       dynamic_axes={INPUT: {0: "batch", 1: "height", 2: "width"}, OUTPUT: {0: "batch"}},
                       opset_version=17, dynamo=False)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    test = torch.randint(0, 256, (3, SIZE, SIZE, 3), dtype=torch.uint8)
-    with torch.no_grad():
-        want = model(test).numpy()
-    return float(np.abs(sess.run(None, {INPUT: test.numpy()})[0] - want).max())
+    err = 0.0
+    for h, w in ((SIZE, SIZE), (2 * SIZE, SIZE)):  # the exported graph resizes, as torch does
+        test = torch.randint(0, 256, (3, h, w, 3), dtype=torch.uint8)
+        with torch.no_grad():
+            want = model(test).numpy()
+        err = max(err, float(np.abs(sess.run(None, {INPUT: test.numpy()})[0] - want).max()))
+    return err
 
 
 def train_discriminator(out_dir: str | Path, light_dir: str | Path, heavy_dir: str | Path, evaluator_path: str | Path,
@@ -135,7 +138,7 @@ def train_discriminator(out_dir: str | Path, light_dir: str | Path, heavy_dir: s
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     train_s = time.monotonic() - t1
     model.eval()
     # held out: other seeds (and prompts cycled from the start), scored and judged by the evaluator
