@@ -30,15 +30,11 @@ from ..inputs import parse_request
 from ..options import Routing
 from ..spec import PipelineSpec
 from ..wire import ENTRY_INPUT_NAMES, OUTPUT_CONFIDENCE, OUTPUT_IMAGE, OUTPUT_MODEL, OUTPUT_STEPS
-from .common import input_or_none, int_param, parameters, setup_logging
+from .common import InFlight, Relayed, engine_final, input_or_none, int_param, parameters, setup_logging
 from .errors import error_response, relayed_error
 
 log = logging.getLogger("tessera.triton.cascade")
 FALLBACK = (DeadlineUnreachableError, OverloadedError)  # heavy engine answers after which the light image serves
-
-
-class Relayed(Exception):
-    """An engine's or the discriminator's error answer, relayed with its message (and so its class tag)."""
 
 
 class TritonPythonModel:
@@ -70,11 +66,11 @@ class TritonPythonModel:
             cores = float(params.get("cores", os.cpu_count() or 1))
             self.controller = Controller(DeferralProfile.from_json(record["profile"]), costs, cores,
                                          self.settings.control_s, start_threshold=self.settings.threshold)
-        self.max_in_flight = int_param(params, "max_in_flight", 256)
-        self.in_flight = 0
+        limit = int_param(params, "max_in_flight", 256)
+        self.in_flight = InFlight(self.name, limit)
         self.heavy_in_flight = 0
         self.lock = threading.Lock()
-        self.pool = ThreadPoolExecutor(max_workers=self.max_in_flight, thread_name_prefix="tessera-cascade")
+        self.pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="tessera-cascade")
         self._metrics()
         log.info("[tessera] loaded %s: cascade %s -> %s by %s (routing %s)", self.name, self.light, self.heavy,
                  self.discriminator, self.settings.routing)
@@ -116,13 +112,8 @@ class TritonPythonModel:
             except Exception as e:  # noqa: BLE001 - answered per request
                 sender.send(error_response(e), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
-            with self.lock:
-                full = self.in_flight >= self.max_in_flight
-                self.in_flight += 0 if full else 1
-            if full:
-                sender.send(error_response(OverloadedError(
-                    f"{self.name}: overloaded; allowed at most {self.max_in_flight} requests in flight, got one more")),
-                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            if not self.in_flight.enter():
+                sender.send(self.in_flight.overloaded(), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
             arrays = {t.name(): np.array(t.as_numpy(), copy=True) for t in request.inputs()}
             self.pool.submit(self._serve, arrays, items[0].slo_ms, sender, time.monotonic())
@@ -137,8 +128,7 @@ class TritonPythonModel:
         except Exception as e:  # noqa: BLE001 - every request gets its one response
             log.warning("[tessera] %s: %s", self.name, e)
             answer = error_response(e)
-        with self.lock:
-            self.in_flight -= 1
+        self.in_flight.leave()
         sender.send(answer, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _cascade(self, arrays, slo_ms, t0):
@@ -209,20 +199,12 @@ class TritonPythonModel:
 
     def _engine(self, engine: str, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """The final image and steps of one request on a decoupled engine; Relayed on its error answer."""
-        bls = pb_utils.InferenceRequest(model_name=engine, inputs=[pb_utils.Tensor(k, v) for k, v in arrays.items()],
-                                        requested_output_names=[OUTPUT_IMAGE, OUTPUT_STEPS])
-        out = None
-        for response in bls.exec(decoupled=True):
-            if response.has_error():
-                raise Relayed(response.error().message())
-            image = pb_utils.get_output_tensor_by_name(response, OUTPUT_IMAGE)
-            if image is not None:
-                steps = pb_utils.get_output_tensor_by_name(response, OUTPUT_STEPS)
-                out = (image.as_numpy().copy(), steps.as_numpy().copy() if steps is not None
-                       else np.zeros((1, 1), np.int32))
-        if out is None:
+        final = engine_final(engine, [pb_utils.Tensor(k, v) for k, v in arrays.items()], (OUTPUT_IMAGE, OUTPUT_STEPS))
+        if final is None:
             raise Relayed(f"{engine}: finished without an image")
-        return out
+        steps = final[OUTPUT_STEPS]
+        return final[OUTPUT_IMAGE].as_numpy().copy(), (steps.as_numpy().copy() if steps is not None
+                                                       else np.zeros((1, 1), np.int32))
 
     def _score(self, image: np.ndarray) -> float:
         response = pb_utils.InferenceRequest(model_name=self.discriminator, requested_output_names=["p_real"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -46,3 +47,48 @@ def setup_logging() -> None:
         root.addHandler(_TritonLogHandler())
         root.setLevel(logging.INFO)
         root.propagate = False
+
+
+class InFlight:
+    """Requests an entry model accepted and has not answered yet, bounded: over the bound a request is answered
+    OVERLOADED at once, never queued to time out late (txt2img and cascade entries)."""
+
+    def __init__(self, name: str, limit: int):
+        self.name, self.limit, self.count = name, limit, 0
+        self.lock = threading.Lock()
+
+    def enter(self) -> bool:
+        with self.lock:
+            if self.count >= self.limit:
+                return False
+            self.count += 1
+            return True
+
+    def leave(self) -> None:
+        with self.lock:
+            self.count -= 1
+
+    def overloaded(self):
+        from ..errors import OverloadedError
+        from .errors import error_response
+
+        return error_response(OverloadedError(
+            f"{self.name}: overloaded; allowed at most {self.limit} requests in flight, got one more"))
+
+
+class Relayed(Exception):
+    """A model's error answer over BLS, relayed with its message (and so its Tessera class tag)."""
+
+
+def engine_final(engine: str, inputs: list, outputs: tuple[str, ...]) -> dict | None:
+    """Run one request on decoupled model `engine` over BLS; its final response's `outputs` (pb_utils tensors, a
+    missing one None), None if it finished without an image. Relayed on an error answer."""
+    bls = pb_utils.InferenceRequest(model_name=engine, inputs=inputs, requested_output_names=list(outputs))
+    final = None
+    for response in bls.exec(decoupled=True):
+        if response.has_error():
+            raise Relayed(response.error().message())
+        tensors = {n: pb_utils.get_output_tensor_by_name(response, n) for n in outputs}
+        if tensors[outputs[0]] is not None:
+            final = tensors
+    return final

@@ -10,7 +10,6 @@ get their codes back from the error class tag in their message (triton/errors.re
 from __future__ import annotations
 
 import logging
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -21,8 +20,8 @@ from pathlib import Path
 from ..inputs import parse_request
 from ..spec import PipelineSpec
 from ..wire import ENTRY_INPUT_NAMES, OUTPUT_IMAGE, OUTPUT_STEPS
-from ..errors import OverloadedError, ShutdownError
-from .common import input_or_none, int_param, parameters, setup_logging
+from ..errors import ShutdownError
+from .common import InFlight, Relayed, engine_final, input_or_none, int_param, parameters, setup_logging
 from .errors import error_response, relayed_error
 
 log = logging.getLogger("tessera.triton.txt2img")
@@ -41,9 +40,7 @@ class TritonPythonModel:
         self.limits = spec.limits
         self.tokenizers = [CLIPTokenizer.from_pretrained(engine_dir / d) for d in spec.tokenizers]
         workers = int_param(params, "max_in_flight", 256)
-        self.max_in_flight = workers
-        self.in_flight = 0
-        self.lock = threading.Lock()
+        self.in_flight = InFlight("engine", workers)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tessera-forward")
         log.info("[tessera] loaded %s: forwards to %s (up to %d in flight)", self.name, self.engine, workers)
 
@@ -57,13 +54,8 @@ class TritonPythonModel:
             except Exception as e:  # noqa: BLE001 - answered per request
                 sender.send(error_response(e), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
-            with self.lock:
-                full = self.in_flight >= self.max_in_flight
-                self.in_flight += 0 if full else 1
-            if full:  # overload: answered at once, never queued to time out late
-                sender.send(error_response(OverloadedError(
-                    f"engine: overloaded; allowed at most {self.max_in_flight} requests in flight, got one more")),
-                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            if not self.in_flight.enter():  # overload: answered at once, never queued to time out late
+                sender.send(self.in_flight.overloaded(), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
             # Copy the inputs now: the request object is not used after execute returns.
             inputs = [pb_utils.Tensor(t.name(), np.array(t.as_numpy(), copy=True)) for t in request.inputs()]
@@ -71,32 +63,23 @@ class TritonPythonModel:
         return None
 
     def _forward(self, inputs, sender) -> None:
-        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
-            bls = pb_utils.InferenceRequest(
-                model_name=self.engine, inputs=inputs, requested_output_names=[OUTPUT_IMAGE, OUTPUT_STEPS]
-            )
-            answer = None
-            for response in bls.exec(decoupled=True):
-                if response.has_error():
-                    answer = pb_utils.InferenceResponse(error=relayed_error(response.error().message()))
-                    break
-                image = pb_utils.get_output_tensor_by_name(response, OUTPUT_IMAGE)
-                if image is not None:
-                    steps = pb_utils.get_output_tensor_by_name(response, OUTPUT_STEPS)
-                    answer = pb_utils.InferenceResponse([image] + ([steps] if steps is not None else []))
-            if answer is None:
+            final = engine_final(self.engine, inputs, (OUTPUT_IMAGE, OUTPUT_STEPS))
+            if final is None:
                 answer = pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(f"{self.engine}: finished without an image", pb_utils.TritonError.INTERNAL)
                 )
+            else:
+                answer = pb_utils.InferenceResponse([t for t in final.values() if t is not None])
+        except Relayed as e:
+            answer = pb_utils.InferenceResponse(error=relayed_error(str(e)))
         except Exception as e:  # noqa: BLE001 - every request gets its one response
             # BLS itself failed (the engine is not loaded, not ready, or its stub is gone): retry elsewhere
             log.warning("[tessera] %s: forwarding to %s failed: %s", self.name, self.engine, e)
             answer = error_response(ShutdownError(f"{self.engine}: not reachable ({e}); allowed: retry on another "
                                                   "instance"))
-        with self.lock:
-            self.in_flight -= 1
-        sender.send(answer, flags=final)
+        self.in_flight.leave()
+        sender.send(answer, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _count_tokens(self, text: str) -> int:
         return max(len(tok(text).input_ids) for tok in self.tokenizers)
