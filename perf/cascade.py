@@ -16,8 +16,9 @@ deferral fraction, a static threshold at that same fraction, and the controlled 
    evaluator features against real rendered images (on a random subset of the same size for every variant: FD is
    biased by N) and adherence, over the run and per window; the controlled cascade's threshold and demand over
    time (scraped from its metrics). The seed floor: FD between two in-process heavy sets of the same prompts and
-   size, seeds apart. The random and static variants are loaded after the controlled run, at its measured
-   deferral fraction (static: the profile's threshold for that fraction).
+   size, seeds apart. The static and random variants are loaded after the controlled run, at its measured
+   deferral fraction (static: the profile's threshold for that fraction; random: the static run's measured
+   deferral, so the discriminator and chance are compared at equal deferral).
 5. The MILP's solve time: the controller's decisions re-solved in-process on the demands it saw (median, p99).
 
 Writes perf/results/cascade.json (+ .png). Run: python -m perf.cascade (after tessera train-discriminator).
@@ -69,8 +70,8 @@ def closed_loop_rps(url: str, model: str, seconds: float, concurrency: int = 8, 
         c = make_client("grpc", url)
         i = 0
         while time.perf_counter() < stop:
-            infer_image(c, "grpc", request_arrays("a red circle at top left", *SIZE, steps, GUIDANCE, 1000 * k + i),
-                        model=model)
+            infer_image(c, "grpc", request_arrays("a red circle at top left", *SIZE, steps, GUIDANCE, 1000 * k + i,
+                                                  slo_ms=600_000), model=model)  # capacity: no deadline binds
             i += 1
             with lock:
                 done[0] += 1
@@ -197,16 +198,21 @@ def main(argv: list[str] | None = None) -> int:
 
         for v in ("heavy", "light", "controlled"):
             runs[v] = run(v)
-        ok = [r for r in runs["controlled"] if r.status == "ok"]
-        deferral = sum(r.served_by == "heavy" for r in ok) / max(len(ok), 1)
-        static_t = profile.threshold_for(deferral)
+        def deferred(v: str) -> float:
+            ok = [r for r in runs[v] if r.status == "ok"]
+            return sum(r.served_by == "heavy" for r in ok) / max(len(ok), 1)
+
+        # static: the profile's threshold for the controlled run's deferral; random: static's measured deferral
+        # (equal deferral: the discriminator's routing against chance)
+        static_t = profile.threshold_for(deferred("controlled"))
+        add_cascade(repo, "cascade_static", "light_engine", "engine", routing="static", threshold=static_t, **common)
+        server.load("cascade_static")
+        runs["static"] = run("static")
+        deferral = deferred("static")
         add_cascade(repo, "cascade_random", "light_engine", "engine", routing="random",
                     defer_fraction=round(deferral, 4), **common)
-        add_cascade(repo, "cascade_static", "light_engine", "engine", routing="static", threshold=static_t, **common)
         server.load("cascade_random")
-        server.load("cascade_static")
-        for v in ("random", "static"):
-            runs[v] = run(v)
+        runs["random"] = run("random")
 
     # quality accounting on what was returned
     real = real_features(ev, 1000)
