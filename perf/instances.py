@@ -9,8 +9,8 @@ same comparison simulated at N = 8.
    resolutions with a large one, SLO per size = 5 x its isolated latency at degree 1 (through the server):
    fixed-1, fixed-2 (xDiT-style fixed degree, FCFS), rssp, edf-mh (least-work placement), edf-mh-rr
    (round-robin placement: the load-balancing baseline), tetris.
-3. The simulator replays every trace with the served engine's cost terms (its multi-set slowdown included) and
-   its loop gap, and the degree table measured in 1.; then at N = 8 workers, loads scaled to 8 workers, with T(size, k) for k = 4, 8
+3. The simulator replays every trace with the served engine's cost terms (its multi-set slowdown and its refit
+   degree table included) and its loop gap; then at N = 8 workers, loads scaled to 8 workers, with T(size, k) for k = 4, 8
    ASSUMED from the measured k = 2 by Amdahl's law per size (serial fraction s = 2 T(2)/T(1) - 1).
 4. The group-knapsack round's decision time, 64 requests over 8 workers (median of repeats).
 
@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     def served_cost(v: str, i: int) -> tuple[CostModel, float]:
         r = runs[v][i]
         c = CostModel.from_terms(r["served_cost_terms"], cost.vae_factor) if r["served_cost_terms"] else copy.deepcopy(cost)
-        c.degrees = copy.deepcopy(cost.degrees)
+        if not c.degrees.ratios:  # the served table when the engine exported it (its refit), else the profile's
+            c.degrees = copy.deepcopy(cost.degrees)
         return c, r["served_gap_s"]
 
     sim2 = []

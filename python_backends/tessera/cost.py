@@ -108,7 +108,9 @@ class CostModel:
         """Every number the policies plan with (exported as metrics; the simulator can replay them)."""
         return {"start_s": self.start_s, "finish_base_s": self.finish_base_s,
                 "finish_s_per_cell": self.finish_s_per_cell, "gap_s": self.gap_s, "multi_set": self.multi_set,
-                **{f"step_{n}": float(c) for n, c in zip(STEP_FEATURES, self.predictor.coef, strict=True)}}
+                **{f"step_{n}": float(c) for n, c in zip(STEP_FEATURES, self.predictor.coef, strict=True)},
+                # T(size, k) / T(size, 1) as refit from served steps: degree_<k>_<cells>
+                **{f"degree_{k}_{int(c)}": float(r) for k, pts in sorted(self.degrees.ratios.items()) for c, r in pts}}
 
     @classmethod
     def from_terms(cls, terms: dict[str, float], vae_factor: int) -> CostModel:
@@ -118,8 +120,15 @@ class CostModel:
         late = ("adapter_cells", "control_cells")
         pred.coef = np.array([terms.get(f"step_{n}", 0.0) if n in late else terms[f"step_{n}"] for n in STEP_FEATURES],
                              dtype=np.float64)
+        ratios: dict[int, list[list[float]]] = {}
+        for name, value in terms.items():  # degree_<k>_<cells>: absent before served tables were exported
+            if name.startswith("degree_"):
+                _, k, cells = name.split("_")
+                ratios.setdefault(int(k), []).append([float(cells), float(value)])
+        degrees = DegreeTable(max(ratios, default=1), {k: sorted(v) for k, v in ratios.items()})
         return cls(pred, vae_factor, terms["start_s"], terms["finish_base_s"], terms["finish_s_per_cell"],
-                   terms["gap_s"], multi_set=terms.get("multi_set", 1.0))  # absent before issue 16's refit
+                   terms["gap_s"], multi_set=terms.get("multi_set", 1.0),  # absent before issue 16's refit
+                   degrees=degrees)
 
     def shape(self, states, adapted: Sequence[bool] | None = None) -> BatchShape:
         """The step's batch makeup. `adapted[i]`: whether request i steps with its adapters (the engine

@@ -191,8 +191,10 @@ def test_multi_set_slowdown_is_learned_from_steps_of_several_sets_and_replayed()
     coef = cost.predictor.coef.copy()
     cost.observe_step(groups, 100 * slowest)  # clipped: one outlier moves it by at most alpha x (4 - m)
     assert cost.multi_set <= 1.5 + 0.05 * 2.5 + 1e-9 and np.array_equal(cost.predictor.coef, coef)
+    cost.degrees.observe(2, 2048.0, 0.8, alpha=0.5)  # a served refit of the table travels with the terms
     back = CostModel.from_terms(cost.terms(), 8)
-    assert back.multi_set == cost.multi_set
+    assert back.multi_set == cost.multi_set and back.degrees.ratios == cost.degrees.ratios
+    assert back.degrees.ratios[2] == [[128.0, 0.95], [2048.0, 0.675]] and back.degrees.workers == 2
     assert CostModel.from_terms({k: v for k, v in cost.terms().items() if k != "multi_set"}, 8).multi_set == 1.0
 
 

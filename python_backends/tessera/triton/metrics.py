@@ -102,9 +102,9 @@ class EngineMetrics:
         self.gap_total = counter("tessera_step_gap_seconds_total", "Loop time between busy engine steps, summed")
         self.gaps = counter("tessera_step_gaps_total", "Gaps between busy engine steps measured")
         self._gaps_seen, self._gap_total_seen = 0, 0.0
-        self.cost_terms = {t: gauge("tessera_cost_model", "The cost model the deadline policies plan with, by term "
-                                    "(seconds; step_* are the predictor's coefficients); the simulator can replay a "
-                                    "served engine from these", term=t) for t in cost.terms()}
+        self.cost_terms: dict[str, object] = {}  # term -> gauge, made when first seen (the profile adds degree_*)
+        for t in cost.terms():
+            self._cost_term(t)
         self.in_flight = gauge("tessera_in_flight_requests", "Requests accepted and not yet answered")
         self.ready = gauge("tessera_engine_ready", "1 while the engine loop serves; 0 once it has stopped")
         self.ready.set(1)
@@ -141,6 +141,14 @@ class EngineMetrics:
         if name not in self.families:
             self.families[name] = pb_utils.MetricFamily(name=name, description=desc, kind=kind)
         return self.families[name]
+
+    def _cost_term(self, term: str):
+        if term not in self.cost_terms:
+            self.cost_terms[term] = self._gauge(
+                "tessera_cost_model", "The cost model the deadline policies plan with, by term (seconds; step_* are the "
+                "predictor's coefficients, degree_<k>_<cells> the T(size, k) / T(size, 1) table); the simulator can "
+                "replay a served engine from these", term=term)
+        return self.cost_terms[term]
 
     def _counter(self, name: str, desc: str, **extra):
         return self._family(name, desc, pb_utils.MetricFamily.COUNTER).Metric(labels={**self.labels, **extra})
@@ -222,7 +230,7 @@ class EngineMetrics:
             self.cache_entries.set(u.cache[1])
         if u.terms is not None:
             for term, value in u.terms.items():
-                self.cost_terms[term].set(value)
+                self._cost_term(term).set(value)
         if u.mape is not None:
             self.mape.set(u.mape)
         if u.gaps[0] > 0:
