@@ -45,7 +45,8 @@ class ControlPlan:
 def solve(demand_rps: float, profile: DeferralProfile, costs: ServiceCosts, slo_s: float, cores: float,
           units_per_core: int = 10) -> ControlPlan:
     """The MILP (scipy.optimize.milp, HiGHS): one-hot z over the profile's thresholds, integer compute units n_l,
-    n_h (1 / units_per_core of a core each). Maximise sum z_i t_i (minus a tie-break on units used) subject to
+    n_h (1 / units_per_core of a core each). Maximise the chosen threshold's rank in the grid (minus a tie-break on
+    units used) subject to
         light:  n_l / u >= s_l / B_l + lambda s_l
         heavy:  n_h / u >= sum_i z_i ([f_i > 0] s_h / B_h + lambda f_i s_h)
         n_l + n_h <= cores x u,  sum z = 1."""
@@ -61,8 +62,10 @@ def solve(demand_rps: float, profile: DeferralProfile, costs: ServiceCosts, slo_
     b_heavy = slo_s - b_light
     heavy_need = (fs > 0) * costs.heavy_s / b_heavy + lam * fs * costs.heavy_s  # cores per threshold
     light_need = costs.light_s / b_light + lam * costs.light_s
-    # variables: z_0 .. z_{n-1}, n_l, n_h
-    c = np.concatenate([-ts, [1e-4, 1e-4]])
+    # variables: z_0 .. z_{n-1}, n_l, n_h. The objective ranks thresholds by grid position (a discriminator's
+    # thresholds can all be tiny: their values would lose to the tie-break); the tie-break on units stays below
+    # one grid step
+    c = np.concatenate([-np.argsort(np.argsort(ts)).astype(float), [0.5 / (2 * units + 1)] * 2])
     rows = [
         (np.concatenate([np.ones(n), [0, 0]]), 1.0, 1.0),
         (np.concatenate([np.zeros(n), [1 / u, 0]]), light_need, np.inf),

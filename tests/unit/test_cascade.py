@@ -60,6 +60,9 @@ def test_controller_lowers_the_threshold_as_demand_grows():
     assert plans[0].feasible and not plans[-1].feasible and plans[-1].deferral == 0.0
     tight = solve(6, PROFILE, COSTS, slo_s=1.0, cores=2.0)  # a tighter SLO: less deferred at the same demand
     assert tight.threshold < plans[3].threshold
+    tiny = DeferralProfile(tuple(t * 1e-4 for t in GRID), PROFILE.deferral)  # a saturated discriminator's grid
+    assert [solve(lam, tiny, COSTS, 3.0, 2.0).deferral for lam in (0.5, 6, 30)] == [p.deferral for p in
+                                                                                  (plans[0], plans[3], plans[8])]
 
 
 def test_controller_re_solves_each_window_from_a_moving_average_of_demand():
