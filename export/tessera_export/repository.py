@@ -486,7 +486,8 @@ def add_cascade(repo: str | Path, name: str, light: str, heavy: str, discriminat
     `discriminator` the model add_discriminator wrote. `settings`: the CascadeSettings fields (routing, threshold,
     defer_fraction, light_steps, control_s, seed) and, for routing controlled, light_s / heavy_s (seconds per
     request alone) and cores (the host's, shared by both pipelines). Checked here, as the model checks them."""
-    from tessera.cascade import CascadeSettings
+    from tessera.cascade import ENTRY_PARAMETERS, CascadeSettings
+    from tessera.cascade_control import ServiceCosts
 
     repo = Path(repo)
     for model in (light, heavy, discriminator):
@@ -496,9 +497,11 @@ def add_cascade(repo: str | Path, name: str, light: str, heavy: str, discriminat
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ExportError(f"{unknown[0]}: not a cascade setting; allowed {', '.join(sorted(known))}")
-    CascadeSettings.from_parameters({k: str(v) for k, v in settings.items()})
-    if str(settings.get("routing", "controlled")) == "controlled" and not {"light_s", "heavy_s"} <= set(settings):
-        raise ExportError("light_s, heavy_s: required for routing controlled (seconds per request, alone)")
+    CascadeSettings.from_parameters({k: str(v) for k, v in settings.items()}, ENTRY_PARAMETERS)
+    if str(settings.get("routing", "controlled")) == "controlled":
+        if not {"light_s", "heavy_s"} <= set(settings):
+            raise ExportError("light_s, heavy_s: required for routing controlled (seconds per request, alone)")
+        ServiceCosts(float(settings["light_s"]), float(settings["heavy_s"]))  # ConfigError naming a bad one
     ins = [(s.name, f"TYPE_{s.triton_type}", list(s.dims), s.optional, False) for s in ENTRY_INPUTS]
     outs = [(OUTPUT_IMAGE, "TYPE_UINT8", [-1, -1, 3], False, False), (OUTPUT_STEPS, "TYPE_INT32", [1], False, False),
             (OUTPUT_MODEL, "TYPE_STRING", [1], False, False), (OUTPUT_CONFIDENCE, "TYPE_FP32", [1], False, False)]

@@ -77,18 +77,26 @@ class CascadeSettings:
             raise ConfigError(f"control_s: must be > 0 seconds, got {self.control_s}")
 
     @classmethod
-    def from_parameters(cls, params: dict[str, str]) -> CascadeSettings:
+    def from_parameters(cls, params: dict[str, str], others: frozenset[str] = frozenset()) -> CascadeSettings:
+        """The settings among `params`; `others` are the entry's other parameters (model names, costs, bounds):
+        any other name is a ConfigError listing the allowed ones (a mistyped setting never loads as a default)."""
         known = {"routing": str, "threshold": float, "defer_fraction": float, "light_steps": int, "control_s": float,
                  "seed": int}
+        unknown = sorted(set(params) - set(known) - others)
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: not a cascade setting; allowed {', '.join(sorted({*known, *others}))}")
         out = {}
         for k, v in params.items():
             if k not in known:
-                continue  # the entry's other parameters (model names, in-flight bound)
+                continue
             try:
                 out[k] = known[k](v)
             except ValueError:
                 raise ConfigError(f"{k}: expected {known[k].__name__}, got {v!r}") from None
         return cls(**out)
+
+
+ENTRY_PARAMETERS = frozenset({"light", "heavy", "discriminator", "max_in_flight", "light_s", "heavy_s", "cores"})
 
 
 class Router:

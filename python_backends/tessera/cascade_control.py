@@ -11,6 +11,7 @@ their service times. Little's law gives the requests in flight at that W: L = la
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -19,6 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cascade import DeferralProfile
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,12 @@ class ServiceCosts:
 
     light_s: float
     heavy_s: float
+
+    def __post_init__(self) -> None:
+        for name in ("light_s", "heavy_s"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ConfigError(f"{name}: must be a finite number of seconds > 0, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,10 @@ class Controller:
 
     def __init__(self, profile: DeferralProfile, costs: ServiceCosts, cores: float, period_s: float = 2.0,
                  alpha: float = 0.5, start_threshold: float = 0.5, slo_s: float = 10.0, clock=time.monotonic):
+        import scipy.optimize  # noqa: F401 - at load, not under the lock on the first request's thread
+
+        if not (math.isfinite(cores) and cores > 0):
+            raise ConfigError(f"cores: must be > 0, got {cores!r}")
         self.profile, self.costs, self.cores, self.period_s, self.alpha = profile, costs, cores, period_s, alpha
         self.clock = clock
         self.lock = threading.Lock()
@@ -122,6 +136,10 @@ class Controller:
         self.demand_rps = rate if self.demand_rps is None else self.demand_rps + self.alpha * (rate - self.demand_rps)
         if self.slo_n:
             self.slo_s = self.slo_sum / self.slo_n
-        self.plan = solve(self.demand_rps, self.profile, self.costs, self.slo_s, self.cores)
-        self.history.append((now, self.plan))
         self.window_start, self.arrivals, self.slo_sum, self.slo_n = now, 0, 0.0, 0
+        try:
+            self.plan = solve(self.demand_rps, self.profile, self.costs, self.slo_s, self.cores)
+        except Exception as e:  # noqa: BLE001 - the plan in force stays; the next window tries again
+            log.warning("[tessera] cascade controller: the MILP failed (%s); the plan in force stays", e)
+            return
+        self.history.append((now, self.plan))

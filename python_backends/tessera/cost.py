@@ -109,7 +109,8 @@ class CostModel:
         return {"start_s": self.start_s, "finish_base_s": self.finish_base_s,
                 "finish_s_per_cell": self.finish_s_per_cell, "gap_s": self.gap_s, "multi_set": self.multi_set,
                 **{f"step_{n}": float(c) for n, c in zip(STEP_FEATURES, self.predictor.coef, strict=True)},
-                # T(size, k) / T(size, 1) as refit from served steps: degree_<k>_<cells>
+                # T(size, k) / T(size, 1) as refit from served steps: degree_<k>_<cells>; the workers it is over
+                "workers": float(self.degrees.workers),
                 **{f"degree_{k}_{int(c)}": float(r) for k, pts in sorted(self.degrees.ratios.items()) for c, r in pts}}
 
     @classmethod
@@ -125,7 +126,8 @@ class CostModel:
             if name.startswith("degree_"):
                 _, k, cells = name.split("_")
                 ratios.setdefault(int(k), []).append([float(cells), float(value)])
-        degrees = DegreeTable(max(ratios, default=1), {k: sorted(v) for k, v in ratios.items()})
+        workers = int(terms.get("workers", max(ratios, default=1)))  # absent before it was exported
+        degrees = DegreeTable(workers, {k: sorted(v) for k, v in ratios.items()})
         return cls(pred, vae_factor, terms["start_s"], terms["finish_base_s"], terms["finish_s_per_cell"],
                    terms["gap_s"], multi_set=terms.get("multi_set", 1.0),  # absent before issue 16's refit
                    degrees=degrees)

@@ -70,7 +70,7 @@ def test_controlled_cascade_answers_every_request_and_exports_its_plan(server, c
         seen.append(by)
     answers = sum(metric(server, "tessera_cascade_answers_total", "ref_cascade", pipeline=m, reason=r)
                   for m, r in (("light", "confident"), ("light", "heavy_at_its_cap"), ("light", "heavy_out_of_time"),
-                               ("heavy", "below_threshold")))
+                               ("light", "heavy_refused"), ("heavy", "below_threshold")))
     assert answers == 12
     threshold = metric(server, "tessera_cascade_threshold", "ref_cascade")
-    assert 0.0 <= threshold <= 1.0
+    assert 0.0 <= threshold <= 1.0 and metric(server, "tessera_cascade_feasible", "ref_cascade") == 1.0

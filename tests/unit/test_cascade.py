@@ -95,6 +95,33 @@ def test_settings_errors_name_the_field_and_the_allowed_values(field, value, mat
         CascadeSettings.from_parameters({"threshold": "high"})
 
 
+def test_a_mistyped_parameter_or_a_bad_cost_is_refused_at_load():
+    from tessera.cascade import ENTRY_PARAMETERS
+
+    with pytest.raises(ConfigError, match="treshold: not a cascade setting; allowed .*threshold"):
+        CascadeSettings.from_parameters({"treshold": "0.4", "light": "light_engine"}, ENTRY_PARAMETERS)
+    assert CascadeSettings.from_parameters({"threshold": "0.4", "light": "x"}, ENTRY_PARAMETERS).threshold == 0.4
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match="light_s: must be a finite number of seconds > 0"):
+            ServiceCosts(bad, 0.3)
+    with pytest.raises(ConfigError, match="cores: must be > 0"):
+        Controller(PROFILE, COSTS, cores=0.0)
+
+
+def test_a_failed_solve_keeps_the_plan_in_force_and_the_next_window_tries_again(monkeypatch):
+    import tessera.cascade_control as cc
+
+    now = [0.0]
+    c = Controller(PROFILE, COSTS, cores=2.0, period_s=1.0, start_threshold=0.3, clock=lambda: now[0])
+    real = cc.solve
+    monkeypatch.setattr(cc, "solve", lambda *a, **k: (_ for _ in ()).throw(ValueError("solver down")))
+    now[0] = 1.5
+    assert c.arrive(3.0).threshold == 0.3 and c.history == [] and c.window_start == 1.5
+    monkeypatch.setattr(cc, "solve", real)
+    now[0] = 3.0
+    assert len(c.history) == 0 and c.arrive(3.0) is c.plan and len(c.history) == 1
+
+
 def test_add_cascade_checks_models_and_settings(tmp_path):
     from tessera.errors import ExportError
     from tessera_export.repository import add_cascade

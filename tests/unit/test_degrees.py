@@ -196,6 +196,8 @@ def test_multi_set_slowdown_is_learned_from_steps_of_several_sets_and_replayed()
     assert back.multi_set == cost.multi_set and back.degrees.ratios == cost.degrees.ratios
     assert back.degrees.ratios[2] == [[128.0, 0.95], [2048.0, 0.675]] and back.degrees.workers == 2
     assert CostModel.from_terms({k: v for k, v in cost.terms().items() if k != "multi_set"}, 8).multi_set == 1.0
+    three = pool_cost(workers=3)  # the workers travel too (a k=2 table over 3 workers)
+    assert CostModel.from_terms(three.terms(), 8).degrees.workers == 3
 
 
 def test_simulated_engine_on_two_workers_runs_tetris_plans():

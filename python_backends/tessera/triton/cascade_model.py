@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ..cascade import CascadeSettings, DeferralProfile, Route, Router
+from ..cascade import ENTRY_PARAMETERS, CascadeSettings, DeferralProfile, Route, Router
 from ..cascade_control import Controller, ServiceCosts
-from ..errors import ConfigError, DeadlineUnreachableError, InvalidInputError, OverloadedError, from_message
+from ..errors import (ConfigError, DeadlineUnreachableError, InvalidInputError, OverloadedError, RequestFailedError,
+                      ShutdownError, from_message)
 from ..inputs import parse_request
 from ..options import Routing
 from ..spec import PipelineSpec
@@ -46,7 +47,7 @@ class TritonPythonModel:
         if missing:
             raise ConfigError(f"{missing[0]}: required parameter of the cascade entry (a model name)")
         self.light, self.heavy, self.discriminator = params["light"], params["heavy"], params["discriminator"]
-        self.settings = CascadeSettings.from_parameters(params)
+        self.settings = CascadeSettings.from_parameters(params, ENTRY_PARAMETERS)
         self.router = Router(self.settings)
         repo = Path(args["model_repository"]).parent
         light_dir = repo / self.light / "1"
@@ -57,15 +58,21 @@ class TritonPythonModel:
         self.tokenizers = [CLIPTokenizer.from_pretrained(light_dir / d) for d in spec.tokenizers]
         self.controller = None
         if self.settings.routing is Routing.CONTROLLED:
-            record = json.loads((repo / self.discriminator / "1" / "discriminator.json").read_text())
+            path = repo / self.discriminator / "1" / "discriminator.json"
+            if not path.exists():
+                raise ConfigError(f"discriminator: {path} is missing (its deferral profile; add the model with "
+                                  "tessera cascade)")
+            record = json.loads(path.read_text())
             try:
                 costs = ServiceCosts(float(params["light_s"]), float(params["heavy_s"]))
+                cores = float(params.get("cores", os.cpu_count() or 1))
             except (KeyError, ValueError) as e:
-                raise ConfigError(f"light_s, heavy_s: required for routing controlled (seconds per request, "
-                                  f"alone), got {params.get('light_s')!r}, {params.get('heavy_s')!r}") from e
-            cores = float(params.get("cores", os.cpu_count() or 1))
+                raise ConfigError(f"light_s, heavy_s, cores: numbers (seconds per request alone; cores); light_s and "
+                                  f"heavy_s required for routing controlled, got {params.get('light_s')!r}, "
+                                  f"{params.get('heavy_s')!r}, {params.get('cores')!r}") from e
             self.controller = Controller(DeferralProfile.from_json(record["profile"]), costs, cores,
                                          self.settings.control_s, start_threshold=self.settings.threshold)
+        self._published = -1  # the controller decisions the gauges show
         limit = int_param(params, "max_in_flight", 256)
         self.in_flight = InFlight(self.name, limit)
         self.heavy_in_flight = 0
@@ -89,7 +96,7 @@ class TritonPythonModel:
                          pb_utils.MetricFamily.COUNTER)
         self.answers = {(m, r): answers.Metric(labels={**labels, "pipeline": m, "reason": r.replace(" ", "_")})
                         for m, r in (("light", "confident"), ("light", "light only"), ("light", "random"),
-                                     ("light", "heavy at its cap"), ("light", "heavy out of time"),
+                                     ("light", "heavy at its cap"), ("light", "heavy out of time"), ("light", "heavy refused"),
                                      ("heavy", "below threshold"), ("heavy", "random"), ("heavy", "heavy only"))}
         self.g_threshold = gauge("tessera_cascade_threshold", "The threshold on P(real) in force")
         self.g_demand = gauge("tessera_cascade_demand_rps", "The controller's demand estimate (moving average)")
@@ -99,7 +106,11 @@ class TritonPythonModel:
         self.g_heavy_cores = gauge("tessera_cascade_heavy_cores", "Cores the controller's plan gives the heavy pipeline")
         self.g_solve = gauge("tessera_cascade_solve_ms", "The last MILP's solve time, ms")
         self.g_feasible = gauge("tessera_cascade_feasible", "1 when the last plan met the demand, 0 when overloaded")
+        self.g_light_cap = gauge("tessera_cascade_light_cap", "Light requests in flight at the plan's latency (Little's "
+                                 "law; reported, not enforced: the light engine's max_batch bounds it)")
         self.g_threshold.set(self.settings.threshold)
+        if self.controller is not None:
+            self._publish()
 
     def execute(self, requests):
         for request in requests:
@@ -112,17 +123,24 @@ class TritonPythonModel:
             except Exception as e:  # noqa: BLE001 - answered per request
                 sender.send(error_response(e), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
-            if not self.in_flight.enter():
+            slo_ms, t0 = items[0].slo_ms, time.monotonic()
+            plan = self.controller.arrive(slo_ms / 1e3 if slo_ms else None) if self.controller is not None else None
+            if not self.in_flight.enter():  # demand counted above all the same: the controller must see overload
                 sender.send(self.in_flight.overloaded(), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
-            arrays = {t.name(): np.array(t.as_numpy(), copy=True) for t in request.inputs()}
-            self.pool.submit(self._serve, arrays, items[0].slo_ms, sender, time.monotonic())
+            try:
+                arrays = {t.name(): np.array(t.as_numpy(), copy=True) for t in request.inputs()}
+                self.pool.submit(self._serve, arrays, slo_ms, plan, sender, t0)
+            except Exception as e:  # noqa: BLE001 - (shutting down) answered here, never left without a response
+                self.in_flight.leave()
+                sender.send(error_response(e), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
 
-    def _serve(self, arrays: dict[str, np.ndarray], slo_ms: int | None, sender, t0: float) -> None:
-        """One request, arrived at t0 (monotonic): every exit sends its one response."""
+    def _serve(self, arrays: dict[str, np.ndarray], slo_ms: int | None, plan, sender, t0: float) -> None:
+        """One request, arrived at t0 (monotonic) under `plan` (None: not controlled): every exit sends its one
+        response."""
         try:
-            answer = self._cascade(arrays, slo_ms, t0)
+            answer = self._cascade(arrays, slo_ms, plan, t0)
         except Relayed as e:
             answer = pb_utils.InferenceResponse(error=relayed_error(str(e)))
         except Exception as e:  # noqa: BLE001 - every request gets its one response
@@ -131,12 +149,11 @@ class TritonPythonModel:
         self.in_flight.leave()
         sender.send(answer, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
-    def _cascade(self, arrays, slo_ms, t0):
+    def _cascade(self, arrays, slo_ms, plan, t0):
         threshold, heavy_cap = self.settings.threshold, None
-        if self.controller is not None:
-            plan = self.controller.arrive(slo_ms / 1e3 if slo_ms else None)
+        if plan is not None:
             threshold, heavy_cap = plan.threshold, plan.heavy_cap
-            self._publish(plan)
+            self._publish()
         light = confidence = None
         if self.router.runs_light:
             light = self._engine(self.light, {**arrays, "steps": np.full_like(arrays["steps"], self.settings.light_steps)})
@@ -165,9 +182,11 @@ class TritonPythonModel:
         try:
             heavy = self._engine(self.heavy, feeds)
         except Relayed as e:
-            if light is None or not issubclass(from_message(str(e)) or Exception, FALLBACK):
+            cls = from_message(str(e)) or Exception
+            if light is None or not issubclass(cls, FALLBACK):
                 raise
-            return self._answer(light, "light", Route(False, "heavy out of time"), confidence)
+            reason = "heavy refused" if issubclass(cls, OverloadedError) else "heavy out of time"
+            return self._answer(light, "light", Route(False, reason), confidence)
         return self._answer(heavy, "heavy", route, confidence)
 
     def _admit_heavy(self, route: Route, cap: int | None) -> Route:
@@ -178,15 +197,24 @@ class TritonPythonModel:
             self.heavy_in_flight += 1
         return route
 
-    def _publish(self, plan) -> None:
-        self.g_threshold.set(plan.threshold)
-        self.g_demand.set(plan.demand_rps)
-        self.g_deferral.set(plan.deferral)
-        self.g_heavy_cap.set(plan.heavy_cap)
-        self.g_light_cores.set(plan.light_cores)
-        self.g_heavy_cores.set(plan.heavy_cores)
-        self.g_solve.set(plan.solve_ms)
-        self.g_feasible.set(1 if plan.feasible else 0)
+    def _publish(self) -> None:
+        """The controller's latest plan to the gauges, once per decision (never an older plan over a newer one)."""
+        with self.controller.lock:
+            decided = len(self.controller.history)
+            plan = self.controller.plan
+        with self.lock:
+            if decided == self._published:
+                return
+            self._published = decided
+            self.g_threshold.set(plan.threshold)
+            self.g_demand.set(plan.demand_rps)
+            self.g_deferral.set(plan.deferral)
+            self.g_heavy_cap.set(plan.heavy_cap)
+            self.g_light_cap.set(plan.light_cap)
+            self.g_light_cores.set(plan.light_cores)
+            self.g_heavy_cores.set(plan.heavy_cores)
+            self.g_solve.set(plan.solve_ms)
+            self.g_feasible.set(1 if plan.feasible else 0)
 
     def _answer(self, result, model: str, route: Route, confidence: float | None):
         image, steps = result
@@ -199,9 +227,14 @@ class TritonPythonModel:
 
     def _engine(self, engine: str, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """The final image and steps of one request on a decoupled engine; Relayed on its error answer."""
-        final = engine_final(engine, [pb_utils.Tensor(k, v) for k, v in arrays.items()], (OUTPUT_IMAGE, OUTPUT_STEPS))
+        try:
+            final = engine_final(engine, [pb_utils.Tensor(k, v) for k, v in arrays.items()], (OUTPUT_IMAGE, OUTPUT_STEPS))
+        except Relayed:
+            raise
+        except Exception as e:  # noqa: BLE001 - BLS itself failed (not loaded, not ready, stub gone), as txt2img
+            raise ShutdownError(f"{engine}: not reachable ({e}); allowed: retry on another instance") from e
         if final is None:
-            raise Relayed(f"{engine}: finished without an image")
+            raise RequestFailedError(f"{engine}: finished without an image")
         steps = final[OUTPUT_STEPS]
         return final[OUTPUT_IMAGE].as_numpy().copy(), (steps.as_numpy().copy() if steps is not None
                                                        else np.zeros((1, 1), np.int32))

@@ -57,9 +57,12 @@ class TritonPythonModel:
             if not self.in_flight.enter():  # overload: answered at once, never queued to time out late
                 sender.send(self.in_flight.overloaded(), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
-            # Copy the inputs now: the request object is not used after execute returns.
-            inputs = [pb_utils.Tensor(t.name(), np.array(t.as_numpy(), copy=True)) for t in request.inputs()]
-            self.pool.submit(self._forward, inputs, sender)
+            try:  # copy the inputs now: the request object is not used after execute returns
+                inputs = [pb_utils.Tensor(t.name(), np.array(t.as_numpy(), copy=True)) for t in request.inputs()]
+                self.pool.submit(self._forward, inputs, sender)
+            except Exception as e:  # noqa: BLE001 - (shutting down) answered here, never left without a response
+                self.in_flight.leave()
+                sender.send(error_response(e), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
 
     def _forward(self, inputs, sender) -> None:
