@@ -56,6 +56,7 @@ def build_parser():
     ap.add_argument("--fd-n", type=int, default=0, help="images per FD (0: the fewest any variant returned)")
     ap.add_argument("--windows", type=int, default=4, help="time windows of the per-window accounting")
     ap.add_argument("--seed", type=int, default=0, help="the trace's seed")
+    ap.add_argument("--replot", action="store_true", help="only redraw the PNG from the results file")
     return ap
 
 
@@ -120,6 +121,9 @@ def sample_metrics(url: str, model: str, stop: threading.Event, out: list, t0: f
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.replot:
+        replot(args.tag)
+        return 0
     import torch
 
     torch.set_num_threads(1)
@@ -288,11 +292,10 @@ def _plot(variants, series, trace, sph, floor, suffix: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    ax = axes[0]
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4))
     t = [s["t_s"] for s in series]
-    ax.plot(t, [s["threshold"] for s in series], label="threshold (controlled)")
-    ax.plot(t, [s["expected_deferral"] for s in series], label="f(threshold)", ls=":")
+    ax = axes[0]
+    ax.plot(t, [s["expected_deferral"] for s in series], label="f(threshold): expected share deferred")
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("s")
     ax2 = ax.twinx()
@@ -304,15 +307,29 @@ def _plot(variants, series, trace, sph, floor, suffix: str = "") -> None:
     ax.legend(loc="upper left", fontsize=7)
     ax2.legend(loc="upper right", fontsize=7)
     ax.set_title("Controlled cascade over the bursty trace", fontsize=9)
+    axes[1].plot(t, [max(s["threshold"] or 0.0, 1e-6) for s in series])
+    axes[1].set_yscale("log")
+    axes[1].set_xlabel("s")
+    axes[1].set_title("Threshold on P(real) in force (log; 1 = defer all)", fontsize=9)
     names = list(variants)
-    axes[1].bar(names, [variants[v]["violation_ratio"] for v in names])
-    axes[1].set_title("SLO violation ratio", fontsize=9)
-    axes[2].bar(names, [variants[v]["fd"] or 0 for v in names])
-    axes[2].axhline((variants["heavy"]["fd"] or 0) + floor, color="red", ls=":", label="heavy-only + seed floor")
-    axes[2].set_title("FD (evaluator features) vs real images, same N", fontsize=9)
-    axes[2].legend(fontsize=7)
+    axes[2].bar(names, [variants[v]["violation_ratio"] for v in names])
+    axes[2].set_title("SLO violation ratio (late, refused or dropped)", fontsize=9)
+    axes[3].bar(names, [variants[v]["fd"] or 0 for v in names])
+    axes[3].axhline((variants["heavy"]["fd"] or 0) + floor, color="red", ls=":", label="heavy-only + seed floor")
+    axes[3].set_title("FD (evaluator features) vs real images, same N", fontsize=9)
+    axes[3].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS / f"cascade{suffix}.png", dpi=120)
+
+
+def replot(tag: str = "") -> None:
+    """Redraw the PNG from the results file and its trace (no server)."""
+    from tessera.bench.traces import Trace
+
+    suffix = f"-{tag}" if tag else ""
+    d = json.loads((RESULTS / f"cascade{suffix}.json").read_text())
+    trace = Trace.load(RESULTS / "traces" / f"cascade{suffix}.json")
+    _plot(d["variants"], d["controller_series"], trace, d["config"]["seconds_per_hour"], d["seed_floor_fd"], suffix)
 
 
 if __name__ == "__main__":
