@@ -33,6 +33,7 @@ from ..spec import PipelineSpec
 from ..wire import ENTRY_INPUT_NAMES, OUTPUT_CONFIDENCE, OUTPUT_IMAGE, OUTPUT_MODEL, OUTPUT_STEPS
 from .common import InFlight, Relayed, engine_final, input_or_none, int_param, parameters, setup_logging
 from .errors import error_response, relayed_error
+from .metrics import MetricSet
 
 log = logging.getLogger("tessera.triton.cascade")
 FALLBACK = (DeadlineUnreachableError, OverloadedError)  # heavy engine answers after which the light image serves
@@ -83,18 +84,10 @@ class TritonPythonModel:
                  self.discriminator, self.settings.routing)
 
     def _metrics(self) -> None:
-        labels = {"model": self.name}
-        self.families = {}
-
-        def family(name, desc, kind):
-            return self.families.setdefault(name, pb_utils.MetricFamily(name=name, description=desc, kind=kind))
-
-        def gauge(name, desc):
-            return family(name, desc, pb_utils.MetricFamily.GAUGE).Metric(labels=labels)
-
-        answers = family("tessera_cascade_answers_total", "Cascade answers by the pipeline that made the image and why",
-                         pb_utils.MetricFamily.COUNTER)
-        self.answers = {(m, r): answers.Metric(labels={**labels, "pipeline": m, "reason": r.replace(" ", "_")})
+        self.metrics = MetricSet(self.name)
+        gauge = self.metrics.gauge
+        self.answers = {(m, r): self.metrics.counter("tessera_cascade_answers_total", "Cascade answers by the pipeline "
+                                                     "that made the image and why", pipeline=m, reason=r.replace(" ", "_"))
                         for m, r in (("light", "confident"), ("light", "light only"), ("light", "random"),
                                      ("light", "heavy at its cap"), ("light", "heavy out of time"), ("light", "heavy refused"),
                                      ("heavy", "below threshold"), ("heavy", "random"), ("heavy", "heavy only"))}

@@ -74,15 +74,33 @@ STEPS_BUCKETS = [1, 2, 4, 8, 10, 15, 20, 25, 30, 40, 50, 75, 100, 150, 200]
 DURATION_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300]
 
 
-class EngineMetrics:
+class MetricSet:
+    """One model's metric families and metrics, labelled with its name (families must outlive their metrics)."""
+
+    def __init__(self, model: str):
+        self.labels = {"model": model}
+        self.families: dict[str, pb_utils.MetricFamily] = {}
+
+    def family(self, name: str, desc: str, kind) -> pb_utils.MetricFamily:
+        if name not in self.families:
+            self.families[name] = pb_utils.MetricFamily(name=name, description=desc, kind=kind)
+        return self.families[name]
+
+    def counter(self, name: str, desc: str, **extra):
+        return self.family(name, desc, pb_utils.MetricFamily.COUNTER).Metric(labels={**self.labels, **extra})
+
+    def gauge(self, name: str, desc: str, **extra):
+        return self.family(name, desc, pb_utils.MetricFamily.GAUGE).Metric(labels={**self.labels, **extra})
+
+
+class EngineMetrics(MetricSet):
     def __init__(self, model: str, engine: Engine, cost: CostModel, pending: Callable[[], int],
                  controls: Callable[[], ControlCounters] | None = None):
         """`controls`: the ControlNet service's counters (None: the engine serves no ControlNet)."""
+        super().__init__(model)
         self.engine, self.cost, self.pending = engine, cost, pending  # pending: read when applied (never stale)
         self.controls = controls
-        self.labels = {"model": model}
-        self.families: dict[str, pb_utils.MetricFamily] = {}  # families must outlive their metrics
-        counter, gauge = self._counter, self._gauge
+        counter, gauge = self.counter, self.gauge
         self.calls = counter("tessera_denoiser_calls_total", "Denoiser calls")
         self.rows = counter("tessera_denoiser_rows_total", "Rows (latents, patches or tiles) over all denoiser calls")
         self.resolutions = counter("tessera_denoiser_resolutions_total", "Distinct latent resolutions, summed over calls")
@@ -108,10 +126,10 @@ class EngineMetrics:
         self.in_flight = gauge("tessera_in_flight_requests", "Requests accepted and not yet answered")
         self.ready = gauge("tessera_engine_ready", "1 while the engine loop serves; 0 once it has stopped")
         self.ready.set(1)
-        fam = self._family("tessera_steps_run", "Denoising steps run per answered request (early exit, degrade)",
+        fam = self.family("tessera_steps_run", "Denoising steps run per answered request (early exit, degrade)",
                            pb_utils.MetricFamily.HISTOGRAM)
         self.steps_run = fam.Metric(labels=self.labels, buckets=STEPS_BUCKETS)
-        fam = self._family("tessera_request_duration_seconds",
+        fam = self.family("tessera_request_duration_seconds",
                            "End-to-end latency of requests the engine answered, arrival to answer (engine clock), "
                            "by outcome; requests answered at admission (invalid, rejected, refused) are only in "
                            "tessera_requests_total", pb_utils.MetricFamily.HISTOGRAM)
@@ -137,24 +155,13 @@ class EngineMetrics:
         self._worker = threading.Thread(target=self._apply_updates, name="tessera-metrics", daemon=True)
         self._worker.start()
 
-    def _family(self, name: str, desc: str, kind) -> pb_utils.MetricFamily:
-        if name not in self.families:
-            self.families[name] = pb_utils.MetricFamily(name=name, description=desc, kind=kind)
-        return self.families[name]
-
     def _cost_term(self, term: str):
         if term not in self.cost_terms:
-            self.cost_terms[term] = self._gauge(
+            self.cost_terms[term] = self.gauge(
                 "tessera_cost_model", "The cost model the deadline policies plan with, by term (seconds; step_* are the "
                 "predictor's coefficients, degree_<k>_<cells> the T(size, k) / T(size, 1) table); the simulator can "
                 "replay a served engine from these", term=term)
         return self.cost_terms[term]
-
-    def _counter(self, name: str, desc: str, **extra):
-        return self._family(name, desc, pb_utils.MetricFamily.COUNTER).Metric(labels={**self.labels, **extra})
-
-    def _gauge(self, name: str, desc: str, **extra):
-        return self._family(name, desc, pb_utils.MetricFamily.GAUGE).Metric(labels={**self.labels, **extra})
 
     # -- updates --------------------------------------------------------------------------------------
     def count(self, outcome: str) -> None:
@@ -264,7 +271,7 @@ class EngineMetrics:
             outcome = "met" if out.done_s is not None and out.done_s <= out.deadline_s else "missed"
         res = f"{out.size[0]}x{out.size[1]}" if out.size else "unknown"
         if (outcome, res) not in self.deadline:
-            self.deadline[(outcome, res)] = self._counter("tessera_deadline_total", "Requests by deadline outcome and size",
+            self.deadline[(outcome, res)] = self.counter("tessera_deadline_total", "Requests by deadline outcome and size",
                                                           outcome=outcome, resolution=res)
         self.deadline[(outcome, res)].increment(1)
         if out.slack_at_join is not None:
