@@ -457,19 +457,24 @@ def export_pipeline(
 
 def add_discriminator(repo: str | Path, src: str | Path, name: str = "discriminator") -> Path:
     """The cascade's discriminator as its own model (ONNX Runtime in the Python backend, as every CPU component):
-    `src` holds model.onnx and discriminator.json (its training record and deferral profile), as
-    tessera.quality.discriminator.train_discriminator writes them. uint8 image [H, W, 3] in, p_real [1] out."""
-    from tessera.quality.discriminator import INPUT, OUTPUT
+    `src` holds discriminator.json (its training record and deferral profile) and model.onnx or, in a clone (ONNX
+    files are not committed), discriminator.pt to export it from, as tessera.quality.discriminator.train_discriminator
+    writes them. uint8 image [H, W, 3] in, p_real [1] out."""
+    from tessera.quality.discriminator import INPUT, OUTPUT, export_checkpoint
 
     repo, src = Path(repo), Path(src)
-    missing = [f for f in ("model.onnx", "discriminator.json") if not (src / f).exists()]
+    weights = "model.onnx" if (src / "model.onnx").exists() else "discriminator.pt"
+    missing = [f for f in (weights, "discriminator.json") if not (src / f).exists()]
     if missing:
         raise ExportError(f"discriminator: {src} has no {missing[0]} (train one with `tessera train-discriminator`)")
     vdir = repo / name / "1"
     shutil.rmtree(repo / name, ignore_errors=True)
     vdir.mkdir(parents=True)
-    for f in ("model.onnx", "discriminator.json"):
-        shutil.copy2(src / f, vdir / f)
+    shutil.copy2(src / "discriminator.json", vdir / "discriminator.json")
+    if weights == "model.onnx":
+        shutil.copy2(src / "model.onnx", vdir / "model.onnx")
+    else:  # a clone holds the weights, not the ONNX build output
+        export_checkpoint(src, vdir / "model.onnx")
     (vdir / "model.py").write_text(SHIM_COMPONENT)
     (repo / name / "config.pbtxt").write_text(
         f'name: "{name}"\nbackend: "python"\nmax_batch_size: {COMPONENT_MAX_BATCH}\n'

@@ -56,3 +56,27 @@ def test_accounting_scores_real_renders_right_with_a_small_fd():
     noise = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(96)]
     qn = served_quality(ev, noise, prompts, real, n_fd=64)
     assert qn["adherence"] < 0.2 and qn["fd"] > 3 * q["fd"]
+
+
+def test_add_discriminator_exports_onnx_from_the_committed_weights(tmp_path):
+    """A clone holds discriminator.pt (ONNX files are git-ignored build outputs): add_discriminator exports the
+    model from it, and the served ONNX scores as the trained torch module does."""
+    import json
+
+    import onnxruntime as ort
+    from tessera_export.repository import add_discriminator
+
+    torch.manual_seed(1)
+    model = Discriminator().eval()
+    src = tmp_path / "trained"
+    src.mkdir()
+    torch.save(model.state_dict(), src / "discriminator.pt")
+    (src / "discriminator.json").write_text(json.dumps({"profile": {}}))
+    vdir = add_discriminator(tmp_path / "repo", src, "disc")
+    assert sorted(p.name for p in vdir.iterdir()) == ["discriminator.json", "model.onnx", "model.py"]
+    images = real_images(4, seed=3)
+    got = ort.InferenceSession(str(vdir / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": images})[0]
+    assert got.shape == (4, 1) and np.abs(got[:, 0] - score(model, images)).max() < 1e-5
+    (src / "discriminator.pt").unlink()
+    with pytest.raises(Exception, match="discriminator.pt"):
+        add_discriminator(tmp_path / "repo", src, "disc")

@@ -106,6 +106,14 @@ def export_onnx(model: Discriminator, path: str | Path) -> float:
     return err
 
 
+def export_checkpoint(src_dir: str | Path, path: str | Path) -> float:
+    """model.onnx at `path` from the trained weights `src_dir`/discriminator.pt (the repository keeps the weights;
+    ONNX files are build outputs); returns the largest |ONNX - torch|, as export_onnx."""
+    model = Discriminator()
+    model.load_state_dict(torch.load(Path(src_dir) / "discriminator.pt", map_location="cpu", weights_only=True))
+    return export_onnx(model, path)
+
+
 def train_discriminator(out_dir: str | Path, light_dir: str | Path, heavy_dir: str | Path, evaluator_path: str | Path,
                         light_steps: int, heavy_steps: int = 50, per_kind: int = 576, held_out: int = 288,
                         steps: int = 600, seed: int = 0) -> dict:
