@@ -9,8 +9,9 @@ same comparison simulated at N = 8.
    resolutions with a large one, SLO per size = 5 x its isolated latency at degree 1 (through the server):
    fixed-1, fixed-2 (xDiT-style fixed degree, FCFS), rssp, edf-mh (least-work placement), edf-mh-rr
    (round-robin placement: the load-balancing baseline), tetris.
-3. The simulator replays every trace with the served engine's cost terms (its multi-set slowdown and its refit
-   degree table included) and its loop gap; then at N = 8 workers, loads scaled to 8 workers, with T(size, k) for k = 4, 8
+3. The simulator replays every trace with the served engine's cost terms and its loop gap, the multi-set slowdown
+   and the degree table as the run's means (tessera_cost_served_seconds_total before and after: the moving
+   averages at a run's end follow its last steps); then at N = 8 workers, loads scaled to 8 workers, with T(size, k) for k = 4, 8
    ASSUMED from the measured k = 2 by Amdahl's law per size (serial fraction s = 2 T(2)/T(1) - 1).
 4. The group-knapsack round's decision time, 64 requests over 8 workers (median of repeats).
 
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 after = served_state(server.metrics_url, f"engine_{v}")
                 summary = summarize(recs, args.duration) | {"load": load, "rate_rps": load * capacity}
                 summary["served_cost_terms"] = after["terms"]
+                summary["served_sums"] = {"before": before["served"], "after": after["served"]}
                 summary["served_gap_s"] = ((after["gap_total_s"] - before["gap_total_s"])
                                            / max(after["gaps"] - before["gaps"], 1))
                 runs[v].append(summary)
@@ -231,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         c = CostModel.from_terms(r["served_cost_terms"], cost.vae_factor) if r["served_cost_terms"] else copy.deepcopy(cost)
         if not c.degrees.ratios:  # the served table when the engine exported it (its refit), else the profile's
             c.degrees = copy.deepcopy(cost.degrees)
+        if "served_sums" in r:  # the run's mean multi_set and degree ratios, not the moving averages at its end
+            c = c.served_means(r["served_sums"]["before"], r["served_sums"]["after"])
         return c, r["served_gap_s"]
 
     sim2 = []

@@ -76,10 +76,13 @@ def scrape(url: str, name: str, model: str) -> float | None:
 
 
 def served_state(url: str, model: str) -> dict:
-    """The cost model a served engine plans with now (metric tessera_cost_model) and its loop-gap totals."""
+    """The cost model a served engine plans with now (metric tessera_cost_model), its loop-gap totals and the sums
+    behind its moving averages (tessera_cost_served_seconds_total: CostModel.served_means of two readings)."""
     return {"terms": {labels["term"]: v for labels, v in scrape_all(url, "tessera_cost_model")
                       if labels.get("model") == model},
             "gap_total_s": scrape(url, "tessera_step_gap_seconds_total", model) or 0.0,
+            "served": {labels["sum"]: v for labels, v in scrape_all(url, "tessera_cost_served_seconds_total")
+                       if labels.get("model") == model},
             "gaps": scrape(url, "tessera_step_gaps_total", model) or 0.0}
 
 

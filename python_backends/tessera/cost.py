@@ -4,6 +4,7 @@ start-up profile; the engine keeps every term current from what it serves."""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -36,13 +37,19 @@ class DegreeTable:
         xs = np.log([max(c, 1.0) for c, _ in points])
         return float(np.interp(np.log(max(cells, 1.0)), xs, [r for _, r in points]))
 
-    def observe(self, k: int, cells: float, ratio: float, alpha: float = 0.1) -> None:
-        """A served step at degree k: its measured time over the predictor's degree-1 time, into the nearest point."""
+    def observe(self, k: int, cells: float, measured_s: float, base_s: float, alpha: float = 0.1,
+                totals: dict[str, float] | None = None) -> None:
+        """A served step at degree k: its measured time over the predictor's degree-1 time `base_s`, into the
+        nearest point (moving average); `totals` gains both times under that point (the run's mean ratio)."""
         points = self.ratios.get(k)
-        if not points or not math.isfinite(ratio) or ratio <= 0:
+        if not points or not (math.isfinite(measured_s) and base_s > 0 and measured_s > 0):
             return
         near = min(points, key=lambda p: abs(math.log(max(p[0], 1.0)) - math.log(max(cells, 1.0))))
-        near[1] += alpha * (ratio - near[1])
+        near[1] += alpha * (measured_s / base_s - near[1])
+        if totals is not None:
+            name = f"degree_{k}_{int(near[0])}"
+            totals[f"{name}_measured_s"] = totals.get(f"{name}_measured_s", 0.0) + measured_s
+            totals[f"{name}_base_s"] = totals.get(f"{name}_base_s", 0.0) + base_s
 
     def to_json(self) -> dict:
         return {"workers": self.workers, "ratios": {str(k): v for k, v in self.ratios.items()}}
@@ -71,6 +78,9 @@ class CostModel:
     degrees: DegreeTable = field(default_factory=DegreeTable)  # denoiser workers and T(size, k) (issue 16)
     multi_set: float = 1.0  # several worker sets stepping at once: measured step / the slowest set's predicted
     # time (the sets share the host's cores, caches and memory bandwidth with each other and the engine), learned
+    served: dict[str, float] = field(default_factory=dict)  # seconds summed since start behind the moving
+    # averages multi_set and degree_<k>_<cells> (<term>_measured_s, <term>_predicted_s / _base_s): a window's
+    # mean ratio from two readings (served_means), which is what the simulator replays, not the last average
 
     def observe_gap(self, seconds: float, alpha: float = 0.05) -> None:
         seconds = max(seconds, 0.0)
@@ -178,15 +188,33 @@ class CostModel:
             slowest = max(self.group_s(g, k, a) for g, a, k in groups)
             if slowest > 0 and math.isfinite(slowest) and measured_s > 0:
                 self.multi_set += alpha * (min(max(measured_s / slowest, 0.5), 4.0) - self.multi_set)
+                self.served["multi_set_measured_s"] = self.served.get("multi_set_measured_s", 0.0) + measured_s
+                self.served["multi_set_predicted_s"] = self.served.get("multi_set_predicted_s", 0.0) + slowest
             return
         states, adapted, k = groups[0]
         shape = self.shape(states, adapted)
         if k == 1:
             self.predictor.observe(shape, measured_s)
         else:
-            base = self.predictor.predict(shape)
-            if base > 0:
-                self.degrees.observe(k, self.row_cells(states), measured_s / base)
+            self.degrees.observe(k, self.row_cells(states), measured_s, self.predictor.predict(shape),
+                                 totals=self.served)
+
+    def served_means(self, before: dict[str, float], after: dict[str, float]) -> CostModel:
+        """A copy whose multi_set and degree ratios are the means over a window of served steps, from two readings
+        of `served` (as exported): sum measured / sum predicted per term; a term no step of the window taught keeps
+        this model's value. The simulator replays a run with these, not with the moving averages at its end."""
+        out = copy.deepcopy(self)
+
+        def mean(name: str, denominator: str) -> float | None:
+            num = after.get(f"{name}_measured_s", 0.0) - before.get(f"{name}_measured_s", 0.0)
+            den = after.get(f"{name}_{denominator}", 0.0) - before.get(f"{name}_{denominator}", 0.0)
+            return num / den if den > 0 and num > 0 else None
+
+        out.multi_set = mean("multi_set", "predicted_s") or self.multi_set
+        for k, points in out.degrees.ratios.items():
+            for p in points:
+                p[1] = mean(f"degree_{k}_{int(p[0])}", "base_s") or p[1]
+        return out
 
     def finish_s(self, s: RequestState) -> float:
         return self.finish_base_s + self.finish_s_per_cell * self.cells(s)

@@ -26,12 +26,26 @@ def _image(server, model: str, height: int, width: int, seed: int, slo_ms: int |
         c.close()
 
 
+def _served_sums(server, model: str) -> dict[str, float]:
+    import urllib.request
+
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    head = f'tessera_cost_served_seconds_total{{model="{model}",sum="'
+    return {line[len(head):].split('"')[0]: float(line.split()[-1]) for line in text.splitlines() if line.startswith(head)}
+
+
 def test_degree_two_equals_degree_one_through_the_server(server):
     before = metric(server, "tessera_parallel_steps_total", "dit_engine_sp2")
     sp = _image(server, "dit_txt2img_sp2", 192, 192, seed=11)
     one = _image(server, "dit_txt2img", 192, 192, seed=11)  # ONNX Runtime, one process
     assert np.abs(sp.astype(int) - one.astype(int)).max() <= 2
     assert metric(server, "tessera_parallel_steps_total", "dit_engine_sp2") - before == 6  # every step at k = 2
+    # each degree-2 step adds its measured and degree-1 predicted seconds to one degree point's served sums
+    sums = _served_sums(server, "dit_engine_sp2")
+    names = {n.rsplit("_", 2)[0] for n in sums}
+    assert names and all(n.startswith("degree_2_") for n in names), sums
+    for n in names:
+        assert sums[f"{n}_measured_s"] > 0 and sums[f"{n}_base_s"] > 0
 
 
 def test_tetris_answers_concurrent_mixed_requests_each_with_its_image(server):

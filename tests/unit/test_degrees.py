@@ -88,7 +88,7 @@ def test_degree_table_interpolates_and_learns():
     assert t.ratio(1, 5.0) == 1.0 and t.ratio(4, 100.0) == math.inf
     assert t.ratio(2, 1_000.0) == pytest.approx(0.7)  # halfway in log cells
     assert t.ratio(2, 10.0) == 0.9 and t.ratio(2, 1e6) == 0.5
-    t.observe(2, 9_000.0, 0.6, alpha=0.5)
+    t.observe(2, 9_000.0, 0.6, 1.0, alpha=0.5)
     assert t.ratios[2][1][1] == pytest.approx(0.55)
     assert DegreeTable.from_json(t.to_json()) == t
 
@@ -191,13 +191,43 @@ def test_multi_set_slowdown_is_learned_from_steps_of_several_sets_and_replayed()
     coef = cost.predictor.coef.copy()
     cost.observe_step(groups, 100 * slowest)  # clipped: one outlier moves it by at most alpha x (4 - m)
     assert cost.multi_set <= 1.5 + 0.05 * 2.5 + 1e-9 and np.array_equal(cost.predictor.coef, coef)
-    cost.degrees.observe(2, 2048.0, 0.8, alpha=0.5)  # a served refit of the table travels with the terms
+    cost.degrees.observe(2, 2048.0, 0.8, 1.0, alpha=0.5)  # a served refit of the table travels with the terms
     back = CostModel.from_terms(cost.terms(), 8)
     assert back.multi_set == cost.multi_set and back.degrees.ratios == cost.degrees.ratios
     assert back.degrees.ratios[2] == [[128.0, 0.95], [2048.0, 0.675]] and back.degrees.workers == 2
     assert CostModel.from_terms({k: v for k, v in cost.terms().items() if k != "multi_set"}, 8).multi_set == 1.0
     three = pool_cost(workers=3)  # the workers travel too (a k=2 table over 3 workers)
     assert CostModel.from_terms(three.terms(), 8).degrees.workers == 3
+
+
+def test_served_means_replay_a_windows_mean_not_the_last_moving_average():
+    """The moving averages end where the last steps left them; the served sums give a window's mean (what the
+    simulator replays): two readings of `served` around a window, sum measured / sum predicted per term."""
+    cost = pool_cost()
+    a, b, big = req("a", size=256), req("b", size=256), req("big", size=512)
+    slowest = cost.group_s([a])
+    groups = [([a], [False], 1), ([b], [False], 1)]
+    for _ in range(50):
+        cost.observe_step(groups, 1.2 * slowest)
+    before = dict(cost.served)
+    for _ in range(30):  # the window: 30 steps at 1.1x, then 10 at 1.5x (the moving average ends near 1.5)
+        cost.observe_step(groups, 1.1 * slowest)
+    for _ in range(10):
+        cost.observe_step(groups, 1.5 * slowest)
+    base = cost.predictor.predict(cost.shape([big]))
+    for r in (0.6, 0.7):  # degree 2: the window's mean ratio at the nearest point
+        cost.observe_step([([big], [False], 2)], r * base)
+    after = dict(cost.served)
+    assert cost.multi_set > 1.25  # the moving average, well above the mean
+    mean = cost.served_means(before, after)
+    assert mean.multi_set == pytest.approx((30 * 1.1 + 10 * 1.5) / 40, rel=1e-9)
+    cells = cost.row_cells([big])
+    near = min(cost.degrees.ratios[2], key=lambda p: abs(np.log(p[0]) - np.log(cells)))
+    got = dict((c, r) for c, r in mean.degrees.ratios[2])
+    assert got[near[0]] == pytest.approx(0.65, rel=1e-9)
+    others = [c for c, _ in cost.degrees.ratios[2] if c != near[0]]  # untaught points keep the model's value
+    assert all(got[c] == dict(map(tuple, cost.degrees.ratios[2]))[c] for c in others)
+    assert cost.served_means(after, after).multi_set == cost.multi_set  # an empty window changes nothing
 
 
 def test_simulated_engine_on_two_workers_runs_tetris_plans():

@@ -148,7 +148,7 @@ def simulate(trace: Trace, policy: str, cost: CostModel, slo_ms: dict, instances
         degrees = replace(copy.deepcopy(cost.degrees), workers=workers)
         degrees.observe = lambda *a, **k: None  # as the predictor: the table never refits on its own predictions
         sim_cost = replace(cost, predictor=predictor, gap_s=gap_s, gaps=0, gap_total_s=0.0,
-                           finishes=copy.deepcopy(cost.finishes), degrees=degrees)
+                           finishes=copy.deepcopy(cost.finishes), degrees=degrees, served={})
         pol = make_policy(policy, max_batch=max_batch, cost=sim_cost, on_hopeless=on_hopeless,
                           round_steps=round_steps, margin=margin, min_steps=min_steps, early_refusal=early_refusal,
                           workers=workers, fixed_degree=fixed_degree, rssp=rssp)

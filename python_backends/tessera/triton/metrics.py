@@ -39,6 +39,7 @@ class _Update:
     cache: tuple[int, int] | None = None  # the adapter cache's bytes and entries now
     controls: tuple[tuple[str, float], ...] = ()  # (ControlCounters field, increment) since the last update
     resident: tuple[int, int] | None = None  # resident ControlNets' count and bytes now
+    served: tuple[tuple[str, float], ...] = ()  # (CostModel.served sum, increment) since the last update
 
 
 ADAPTER_COUNTERS = {  # AdapterCounters field -> (counter, description)
@@ -123,6 +124,8 @@ class EngineMetrics(MetricSet):
         self.cost_terms: dict[str, object] = {}  # term -> gauge, made when first seen (the profile adds degree_*)
         for t in cost.terms():
             self._cost_term(t)
+        self.served_sums: dict[str, object] = {}  # CostModel.served sum -> counter, made when first taught
+        self._served_seen: dict[str, float] = {}
         self.in_flight = gauge("tessera_in_flight_requests", "Requests accepted and not yet answered")
         self.ready = gauge("tessera_engine_ready", "1 while the engine loop serves; 0 once it has stopped")
         self.ready.set(1)
@@ -163,6 +166,14 @@ class EngineMetrics(MetricSet):
                 "replay a served engine from these", term=term)
         return self.cost_terms[term]
 
+    def _served_sum(self, name: str):
+        if name not in self.served_sums:
+            self.served_sums[name] = self.counter(
+                "tessera_cost_served_seconds_total", "Seconds behind the cost model's moving averages, summed since "
+                "start: <term>_measured_s and <term>_predicted_s (multi_set) or <term>_base_s (degree_<k>_<cells>); "
+                "a window's mean term is the ratio of their increments (what the simulator replays)", sum=name)
+        return self.served_sums[name]
+
     # -- updates --------------------------------------------------------------------------------------
     def count(self, outcome: str) -> None:
         """From the execute thread: one request answered outside the engine (applied on the metrics thread)."""
@@ -199,9 +210,12 @@ class EngineMetrics(MetricSet):
             control_deltas = tuple((f, getattr(controls, f) - getattr(self._controls_seen, f)) for f in CONTROL_COUNTERS)
             self._controls_seen, resident = controls, (controls.resident, controls.resident_bytes)
         terms = self.cost.terms() if fresh else None  # gauges move only with steps
+        served = tuple((k, v - self._served_seen.get(k, 0.0)) for k, v in self.cost.served.items()
+                       if v != self._served_seen.get(k))
+        self._served_seen = dict(self.cost.served)
         self._updates.put(_Update(totals, terms, self.cost.predictor.mape if fresh else None, gaps, final,
                                   adapters=adapter_deltas, cache=(adapters.cache_bytes, adapters.cache_entries),
-                                  controls=control_deltas, resident=resident))
+                                  controls=control_deltas, resident=resident, served=served))
 
     def in_flight_changed(self) -> None:
         """From the execute thread: only the in-flight gauge (the step records belong to the loop thread)."""
@@ -238,6 +252,8 @@ class EngineMetrics(MetricSet):
         if u.terms is not None:
             for term, value in u.terms.items():
                 self._cost_term(term).set(value)
+        for name, n in u.served:
+            self._served_sum(name).increment(n)
         if u.mape is not None:
             self.mape.set(u.mape)
         if u.gaps[0] > 0:
