@@ -4,7 +4,9 @@ Features of a step: 1, the rows x latent cells summed over requests (CFG halves 
 number of requests, the number of distinct resolutions, the number of denoiser rows (patches or
 tiles when the executor cuts) and the rows x latent cells of requests stepping with LoRA adapters (their
 low-rank products are extra work in every adapted layer: the adapter cost, issue 14).
-Least squares on a start-up profile, then refit online from a window of served steps. `observe` records the error of the prediction made before each served step, so the
+Least squares on a start-up profile, then refit online from a window of served steps, the profile kept in
+every refit: a window that served only some shapes (a policy that runs the large sizes only at degree > 1 sees
+only the small ones at degree 1) cannot then bend the line far from what was profiled elsewhere. `observe` records the error of the prediction made before each served step, so the
 exported error is on batches the model was not fit on.
 """
 
@@ -40,21 +42,23 @@ class BatchShape:
 class LatencyPredictor:
     def __init__(self, window: int = 512, refit_every: int = 16, ridge: float = 1e-6):
         self.window: deque[tuple[np.ndarray, float]] = deque(maxlen=window)
+        self.anchors: list[tuple[np.ndarray, float]] = []  # the start-up profile (fit): in every refit
         self.coef = np.zeros(len(STEP_FEATURES))
         self.refit_every, self.ridge = refit_every, ridge
         self._since_fit = 0
         self.errors: deque[float] = deque(maxlen=window)  # |pred - actual| / actual, out of sample
 
     def fit(self, samples: Iterable[tuple[BatchShape, float]]) -> None:
-        for shape, seconds in samples:
-            self.window.append((shape.features(), seconds))
+        """The start-up profile: the first fit, and anchors of every online refit."""
+        self.anchors.extend((shape.features(), seconds) for shape, seconds in samples)
         self._refit()
 
     def _refit(self) -> None:
-        if not self.window:
+        rows = [*self.anchors, *self.window]
+        if not rows:
             return
-        x = np.stack([f for f, _ in self.window])
-        y = np.array([s for _, s in self.window])
+        x = np.stack([f for f, _ in rows])
+        y = np.array([s for _, s in rows])
         # Relative least squares (rows divided by their latency): the error that matters, and is exported,
         # is the percentage error; plain least squares lets the big batches dominate and the small ones
         # (most steps) carry tens of percent. Columns scaled so the ridge term treats them alike.
@@ -64,11 +68,14 @@ class LatencyPredictor:
         xs = xw / scale
         a = xs.T @ xs + self.ridge * np.eye(xs.shape[1])
         coef = np.linalg.solve(a, xs.T @ (y * w)) / scale
-        # Then rescaled so the window's predicted total equals its measured total: the relative fit sits
-        # near the typical step, but served steps are skewed slow (contention with request handling on
-        # shared cores), and a queue compounds any shortfall in total time (docs/architecture.md).
-        predicted = float(np.sum(np.maximum(x @ coef, 0.0)))
-        self.coef = coef * (float(np.sum(y)) / predicted if predicted > 0 else 1.0)
+        # Then rescaled so the served window's predicted total equals its measured total (the profile's
+        # before anything is served): the relative fit sits near the typical step, but served steps are
+        # skewed slow (contention with request handling on shared cores), and a queue compounds any
+        # shortfall in total time (docs/architecture.md). The anchors shape the line; what is served sets its level.
+        level = list(self.window) or self.anchors
+        lx = np.stack([f for f, _ in level])
+        predicted = float(np.sum(np.maximum(lx @ coef, 0.0)))
+        self.coef = coef * (float(sum(s for _, s in level)) / predicted if predicted > 0 else 1.0)
         self._since_fit = 0
 
     def predict(self, shape: BatchShape) -> float:

@@ -150,6 +150,28 @@ def test_predictor_fits_and_reports_out_of_sample_error():
     assert p.predict(shapes[0]) == pytest.approx(truth(shapes[0]), rel=0.05)
 
 
+def test_predictor_keeps_the_profile_for_shapes_the_window_never_serves():
+    """Served, a policy may step the large size only at degree > 1: the degree-1 window then holds small steps
+    alone, which cannot pin the cells term. The profile stays in every refit, so the large size keeps its
+    profiled cost; what is served sets the level (here 10% slower than profiled, on every shape)."""
+    truth = lambda sh: 0.01 + 1e-4 * sh.features()[1] + 0.005 * sh.features()[2]  # noqa: E731
+    small, large = BatchShape(((16, 16, 2),)), BatchShape(((64, 64, 2),))
+    profile = [BatchShape(((s, s, 2),) * n) for s in (16, 32, 64) for n in (1, 2)]
+    p = LatencyPredictor(window=64, refit_every=8)
+    p.fit([(s, truth(s)) for s in profile])
+    for _ in range(200):  # only the small size, single, served 10% slow
+        p.observe(small, 1.1 * truth(small))
+    assert len(p.window) == 64 and len(p.anchors) == 6
+    assert p.predict(small) == pytest.approx(1.1 * truth(small), rel=0.03)
+    assert p.predict(large) == pytest.approx(1.1 * truth(large), rel=0.1)
+    bare = LatencyPredictor(window=64, refit_every=8)  # without anchors the line through one shape is arbitrary
+    bare.window.extend((s.features(), truth(s)) for s in profile)
+    bare._refit()
+    for _ in range(200):
+        bare.observe(small, 1.1 * truth(small))
+    assert abs(bare.predict(large) / (1.1 * truth(large)) - 1) > 0.2
+
+
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_policy_contract(name):
     """Every policy: advances only running or joining ids, respects the batch budget, joins only
