@@ -2,8 +2,9 @@
 deferral fraction, a static threshold at that same fraction, and the controlled cascade, on one bursty trace.
 
 1. One repository: the heavy reference pipeline (quality_models/heavy) exported once; the heavy engine runs the
-   request's 50 steps, the light engine the same weights at --light-steps (1): the light model here is the
-   reference sampled in one step, not a distilled student. The discriminator (quality_models/discriminator,
+   request's 50 steps, the light engine runs --light (a few-step student
+   distilled from the heavy pipeline, `tessera train-student`, exported beside it as light_*) at --light-steps,
+   or without --light the heavy weights themselves at --light-steps. The discriminator (quality_models/discriminator,
    `tessera train-discriminator`) is its own model; one cascade entry per routing.
 2. Service costs measured first through the server: closed-loop throughput of each pipeline alone at concurrency 8
    (its batching included) gives core-seconds per request (each engine is one process), light + discriminator
@@ -17,8 +18,8 @@ deferral fraction, a static threshold at that same fraction, and the controlled 
    biased by N) and adherence, over the run and per window; the controlled cascade's threshold and demand over
    time (scraped from its metrics). The seed floor: FD between two in-process heavy sets of the same prompts and
    size, seeds apart. The static and random variants are loaded after the controlled run, at its measured
-   deferral fraction (static: the profile's threshold for that fraction; random: the static run's measured
-   deferral, so the discriminator and chance are compared at equal deferral).
+   deferral fraction (static: the profile's threshold for that fraction; random: the share static's routing
+   deferred, heavy fallbacks included, so the discriminator and chance are compared at equal deferral).
 5. The MILP's solve time: the controller's decisions re-solved in-process on the demands it saw (median, p99).
 
 Writes perf/results/cascade.json (+ .png). Run: python -m perf.cascade (after tessera train-discriminator).
@@ -49,6 +50,8 @@ def build_parser():
     ap.add_argument("--tag", default="", help="suffix of the result files (cascade-TAG.json)")
     ap.add_argument("--steps", type=int, default=50, help="the heavy pipeline's steps (its default)")
     ap.add_argument("--light-steps", type=int, default=1, help="the light pipeline's steps")
+    ap.add_argument("--light", default="", help="the light pipeline's own weights (diffusers directory, e.g. a "
+                    "student from `tessera train-student`); default: the heavy weights at --light-steps")
     ap.add_argument("--slo-scale", type=float, default=4.0, help="SLO = k x the heavy pipeline's isolated latency")
     ap.add_argument("--band", default="0.3,2.5", help="the trace's rate band, as multiples of heavy capacity")
     ap.add_argument("--seconds-per-hour", type=float, default=5.0, help="each trace hour compressed to this")
@@ -103,6 +106,20 @@ def discriminator_s(url: str, repeats: int = 50) -> float:
     return statistics.median(times[1:])
 
 
+FALLBACKS = ("heavy_at_its_cap", "heavy_out_of_time", "heavy_refused")  # deferred, then answered by the light image
+
+
+def decided_deferral(url: str, model: str) -> float:
+    """The share of a cascade entry's answers whose routing deferred them (tessera_cascade_answers_total): those
+    the heavy pipeline answered, and those it could not take in time (answered by the light image: FALLBACKS)."""
+    from perf.slo import scrape_all
+
+    counts = [(lb.get("reason"), lb.get("pipeline"), v) for lb, v in scrape_all(url, "tessera_cascade_answers_total")
+              if lb.get("model") == model]
+    total = sum(v for *_, v in counts)
+    return sum(v for r, p, v in counts if p == "heavy" or r in FALLBACKS) / total if total else 0.0
+
+
 def sample_metrics(url: str, model: str, stop: threading.Event, out: list, t0: float, every_s: float = 0.5) -> None:
     from perf.slo import scrape
 
@@ -148,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     repo = work / "repo"
     engine = dict(executor="local", policy="edf-mh", max_batch=8, max_in_flight=128, profile_sizes="64x64")
     export_pipeline(models / "heavy", repo, engine_config=EngineConfig(**engine), progress=lambda *_: None)
-    add_engine(repo, "engine", "light_engine", **engine)
+    if args.light:  # its own components and engine (light_engine), beside the heavy pipeline's
+        export_pipeline(args.light, repo, prefix="light_", engine_config=EngineConfig(**engine), progress=lambda *_: None)
+    else:
+        add_engine(repo, "engine", "light_engine", **engine)
     add_discriminator(repo, disc_dir)
     common = dict(light_steps=args.light_steps, control_s=args.control_s)
     add_cascade(repo, "cascade_heavy", "light_engine", "engine", routing="heavy", **common)
@@ -212,11 +232,15 @@ def main(argv: list[str] | None = None) -> int:
         add_cascade(repo, "cascade_static", "light_engine", "engine", routing="static", threshold=static_t, **common)
         server.load("cascade_static")
         runs["static"] = run("static")
-        deferral = deferred("static")
+        # the share static's routing deferred (served deferral is lower: at bursts the heavy engine refuses or
+        # runs out of time and the light image serves, more often than not for either routing), so that random
+        # routing defers as often by decision and then meets the same fallbacks
+        deferral = decided_deferral(server.metrics_url, "cascade_static")
         add_cascade(repo, "cascade_random", "light_engine", "engine", routing="random",
                     defer_fraction=round(deferral, 4), **common)
         server.load("cascade_random")
         runs["random"] = run("random")
+        decided = {v: decided_deferral(server.metrics_url, f"cascade_{v}") for v in runs}
 
     # quality accounting on what was returned
     real = real_features(ev, 1000)
@@ -243,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             "statuses": {s: sum(r.status == s for r in recs) for s in sorted({r.status for r in recs})},
             "served_by": {m: sum(r.served_by == m for r in ok) for m in ("light", "heavy")},
             "deferral": sum(r.served_by == "heavy" for r in ok) / max(len(ok), 1),
+            "decided_deferral": decided[v],
             "p99_latency_ms": float(np.percentile([r.latency_ms for r in ok], 99)) if ok else None,
             **{k: q[k] for k in ("adherence", "colour", "shape", "position", "fd", "fd_n")},
             "windows": by_window(ev, recs, real, window_s),
@@ -273,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
                            "closed_loop_rps": {"heavy": rps_heavy, "light": rps_light},
                            "service_costs": dataclasses.asdict(costs), "rate_band_rps": [lo, hi],
                            "trace_requests": len(trace.requests), "trace_duration_s": duration,
-                           "discriminator": {k: record[k] for k in ("held_out", "train", "light", "heavy")}}
+                           "discriminator": {k: record[k] for k in ("held_out", "train", "light", "heavy")},
+                           "light_training": json.loads((Path(args.light) / "training.json").read_text())
+                           if args.light and (Path(args.light) / "training.json").exists() else None}
     suffix = f"-{args.tag}" if args.tag else ""
     write_result(f"cascade{suffix}", config, {
         "variants": variants, "seed_floor_fd": seed_floor, "fd_n": n_fd, "static_threshold": static_t,
