@@ -162,6 +162,17 @@ def _cmd_train_discriminator(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_student(a: argparse.Namespace) -> int:
+    from .quality.distill import train_student
+
+    _single_thread()
+    record = train_student(a.out, a.teacher, a.evaluator, steps=a.steps, teacher_steps=a.teacher_steps,
+                           pairs=a.pairs, held_out=a.held_out, train_steps=a.train_steps, minutes=a.minutes,
+                           seed=a.seed)
+    print(f"[tessera] train-student: {record['held_out']}")
+    return 0
+
+
 def _cmd_cascade(a: argparse.Namespace) -> int:
     from tessera_export.repository import add_cascade, add_discriminator, add_engine
 
@@ -490,6 +501,20 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--steps", type=int, default=600, help="training steps (batch 64)")
     td.add_argument("--seed", type=int, default=0, help="seed of the weights, data and held-out set")
     td.set_defaults(fn=_cmd_train_discriminator)
+
+    ts = sub.add_parser("train-student", help="distil a few-step student from the heavy reference (the cascade's "
+                                              "light model): a diffusers pipeline and its training.json")
+    ts.add_argument("out", help="the student pipeline (diffusers directory) and training.json go here")
+    ts.add_argument("--teacher", default="quality_models/heavy", help="the teacher pipeline (diffusers directory)")
+    ts.add_argument("--evaluator", default="quality_models/evaluator.pt", help="judges held-out images right/wrong")
+    ts.add_argument("--steps", type=int, default=2, help="the student's DDIM steps")
+    ts.add_argument("--teacher-steps", type=int, default=50, help="the teacher's DDIM steps (its default)")
+    ts.add_argument("--pairs", type=int, default=1536, help="teacher (noise, latents) pairs to distil from")
+    ts.add_argument("--held-out", type=int, default=288, help="held-out prompts and seeds for the record")
+    ts.add_argument("--train-steps", type=int, default=1500, help="training steps (batch 32)")
+    ts.add_argument("--minutes", type=float, default=30.0, help="wall-clock bound, generation included")
+    ts.add_argument("--seed", type=int, default=0, help="seed of the pairs, the batches and the held-out set")
+    ts.set_defaults(fn=_cmd_train_student)
 
     ca = sub.add_parser("cascade", help="add a DiffServe cascade entry (light engine -> discriminator -> heavy "
                                         "engine) and its discriminator model to a repository")

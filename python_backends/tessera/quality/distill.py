@@ -1,0 +1,140 @@
+"""A few-step student distilled from the heavy reference (issue 17: the cascade's light model). The student is
+the heavy pipeline with its UNet fine-tuned so that its DDIM sampler at `steps` steps (classifier-free guidance
+as served) lands where the teacher's lands at 50 steps from the same initial noise: direct distillation of the
+sampler's output in latent space (Luhman & Luhman, 2021), backpropagated through the student's few steps.
+It is a diffusers pipeline like any other (served, exported and batched as such); `train_student` writes it and
+its training record, measured here: the evaluator's verdicts on held-out prompts and seeds for the student at
+`steps`, the teacher at `steps` (the same weights undistilled) and the teacher at 50."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SIZE = 64  # students are trained at 64 x 64 px (8 x 8 latents), the cascade's size
+
+
+def sample(unet, sampler, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, steps: int,
+           guidance: float) -> torch.Tensor:
+    """Latents after DDIM at `steps` with classifier-free guidance from `noise`, as the diffusers pipeline runs
+    it (unconditional half first); differentiable through `unet`."""
+    sampler.set_timesteps(steps)
+    x = noise * sampler.init_noise_sigma
+    emb = torch.cat([uncond, cond])
+    for t in sampler.timesteps:
+        out = unet(torch.cat([x, x]), t, encoder_hidden_states=emb).sample
+        u, c = out.chunk(2)
+        x = sampler.step(u + guidance * (c - u), t, x).prev_sample
+    return x
+
+
+def _embed(pipe, captions: list[str]) -> torch.Tensor:
+    ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
+
+
+def _images(pipe, latents: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        x = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).to(torch.uint8).numpy()
+
+
+def sample_all(unet, sampler, noise: torch.Tensor, cond: torch.Tensor, uncond1: torch.Tensor, steps: int,
+               guidance: float, chunk: int = 64) -> torch.Tensor:
+    """`sample` over many requests, in chunks, without gradients; `uncond1`: the empty prompt's embedding [1, ...]."""
+    with torch.no_grad():
+        return torch.cat([sample(unet, sampler, noise[i : i + chunk], cond[i : i + chunk],
+                                 uncond1.expand(len(noise[i : i + chunk]), -1, -1), steps, guidance)
+                          for i in range(0, len(noise), chunk)])
+
+
+def train_student(out_dir: str | Path, teacher_dir: str | Path, evaluator_path: str | Path, steps: int = 2,
+                  teacher_steps: int = 50, guidance: float = 4.0, pairs: int = 1536, held_out: int = 288,
+                  train_steps: int = 1500, batch: int = 32, lr: float = 1e-4, minutes: float = 30.0,
+                  seed: int = 0) -> dict:
+    """Generate teacher pairs (noise, 50-step latents), fine-tune a copy of the teacher's UNet on them, save the
+    student pipeline to `out_dir` (fp16 files loaded as fp32, as the references) with training.json."""
+    from tessera_export.tiny import load_pipeline
+
+    from .discriminator import jobs_for
+    from .features import evaluator_features, load_evaluator
+    from .shapes import parse_caption
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    out = Path(out_dir)
+    t0 = time.monotonic()
+    pipe = load_pipeline(teacher_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet.eval().requires_grad_(False)
+    shape = (4, SIZE // 8, SIZE // 8)
+    uncond1 = _embed(pipe, [""])
+
+    def draw(n: int, seed0: int):
+        jobs = jobs_for(n, seed0)
+        noise = torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(s)) for _, s in jobs])
+        return jobs, noise, _embed(pipe, [lb.caption for lb, _ in jobs])
+
+    jobs, noise, cond = draw(pairs, 400_000 + seed * 10_000)
+    target = sample_all(pipe.unet, pipe.scheduler, noise, cond, uncond1, teacher_steps, guidance)
+    gen_s = time.monotonic() - t0
+
+    student = copy.deepcopy(pipe.unet).train().requires_grad_(True)
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    sampler = copy.deepcopy(pipe.scheduler)
+    losses, t1, step = [], time.monotonic(), 0
+    while step < train_steps and time.monotonic() - t0 < minutes * 60:
+        idx = torch.from_numpy(rng.integers(0, pairs, size=batch))
+        x = sample(student, sampler, noise[idx], cond[idx], uncond1.expand(batch, -1, -1), steps, guidance)
+        loss = F.mse_loss(x, target[idx])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+        if step % 50 == 0:
+            print(f"\r[tessera] distil step {step}/{train_steps} loss {np.mean(losses[-50:]):.4f} "
+                  f"{time.monotonic() - t0:.0f}s", end="", flush=True)
+    print()
+    train_s = time.monotonic() - t1
+    student.eval().requires_grad_(False)
+
+    # held out: other seeds; the evaluator's verdicts (every attribute right) and latent error to the teacher
+    ho_jobs, ho_noise, ho_cond = draw(held_out, 500_000 + seed * 10_000)
+    lat = {"student": sample_all(student, sampler, ho_noise, ho_cond, uncond1, steps, guidance),
+           "teacher_few": sample_all(pipe.unet, sampler, ho_noise, ho_cond, uncond1, steps, guidance),
+           "teacher": sample_all(pipe.unet, sampler, ho_noise, ho_cond, uncond1, teacher_steps, guidance)}
+    ev = load_evaluator(evaluator_path)
+    labels = np.stack([parse_caption(lb.caption).as_array() for lb, _ in ho_jobs])
+    verdicts = {}
+    for name, z in lat.items():
+        right = (evaluator_features(ev, _images(pipe, z))[1] == labels).all(axis=1)
+        verdicts[name] = {"right": float(right.mean()), "wrong": float(1 - right.mean()),
+                          "latent_mse_to_teacher": float(F.mse_loss(z, lat["teacher"]))}
+
+    pipe.unet = student
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    config = out / "text_encoder" / "config.json"  # loaded in one dtype (quality_models/README.md)
+    config.write_text(config.read_text().replace('"dtype": "float16"', '"dtype": "float32"'))
+    record = {
+        "trained_by": "tessera.quality.distill.train_student",
+        "teacher": {"dir": str(teacher_dir), "steps": teacher_steps}, "student_steps": steps, "guidance": guidance,
+        "size": SIZE, "pairs": pairs, "batch": batch, "lr": lr, "train_steps": step, "seed": seed,
+        "generate_s": round(gen_s, 1), "train_s": round(train_s, 1),
+        "loss_first_50": float(np.mean(losses[:50])) if losses else None,
+        "loss_last_50": float(np.mean(losses[-50:])) if losses else None,
+        "held_out": {"n": held_out, **verdicts},
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record

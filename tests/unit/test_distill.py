@@ -1,0 +1,82 @@
+"""The cascade's few-step student (issue 17, tessera.quality.distill): the sampler it is trained through is the
+diffusers pipeline's (so the served student is the trained one), a short run lowers the distillation loss on
+its batch, and train_student writes a pipeline that loads plainly, with its record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+MODELS = Path(__file__).resolve().parents[2] / "quality_models"
+pytestmark = pytest.mark.skipif(not (MODELS / "heavy").is_dir(), reason="quality_models/heavy is not committed")
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    from tessera_export.tiny import load_pipeline
+
+    torch.set_num_threads(1)
+    pipe = load_pipeline(MODELS / "heavy")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sample_is_the_diffusers_pipelines_sampler(teacher):
+    from tessera.quality.distill import _embed, sample
+
+    captions = ["a red circle at top left", "a blue square at bottom right"]
+    noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(3))
+    want = teacher(captions, height=64, width=64, num_inference_steps=2, guidance_scale=4.0, latents=noise.clone(),
+                   output_type="latent").images
+    with torch.no_grad():
+        got = sample(teacher.unet, teacher.scheduler, noise, _embed(teacher, captions), _embed(teacher, [""]).expand(2, -1, -1),
+                     2, 4.0)
+    assert got.shape == want.shape == (2, 4, 8, 8)
+    assert float((got - want).abs().max()) < 1e-5
+
+
+def test_a_few_distillation_steps_lower_the_loss_on_their_batch(teacher):
+    import copy
+
+    import torch.nn.functional as F
+    from tessera.quality.distill import _embed, sample, sample_all
+
+    torch.manual_seed(0)
+    captions = ["a green triangle at top right"] * 4
+    noise = torch.randn((4, 4, 8, 8), generator=torch.Generator().manual_seed(5))
+    cond, uncond = _embed(teacher, captions), _embed(teacher, [""])
+    target = sample_all(teacher.unet, teacher.scheduler, noise, cond, uncond, 20, 4.0)
+    student = copy.deepcopy(teacher.unet).train().requires_grad_(True)
+    sampler = copy.deepcopy(teacher.scheduler)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    losses = []
+    for _ in range(6):
+        loss = F.mse_loss(sample(student, sampler, noise, cond, uncond.expand(4, -1, -1), 1, 4.0), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_train_student_writes_a_plain_pipeline_and_its_record(tmp_path):
+    from diffusers import DiffusionPipeline
+    from tessera.quality.distill import train_student
+
+    rec = train_student(tmp_path / "student", MODELS / "heavy", MODELS / "evaluator.pt", steps=1, teacher_steps=3,
+                        pairs=8, held_out=6, train_steps=2, batch=4)
+    saved = json.loads((tmp_path / "student" / "training.json").read_text())
+    assert saved == json.loads(json.dumps(rec)) and rec["train_steps"] == 2 and rec["held_out"]["n"] == 6
+    for name in ("student", "teacher_few", "teacher"):
+        v = rec["held_out"][name]
+        assert 0.0 <= v["right"] <= 1.0 and v["right"] + v["wrong"] == pytest.approx(1.0)
+    assert rec["held_out"]["teacher"]["latent_mse_to_teacher"] == 0.0
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "student", local_files_only=True)
+    assert {p.dtype for p in pipe.unet.parameters()} == {torch.float32}
+    out = pipe("a red circle at top left", height=64, width=64, num_inference_steps=1,
+               generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
