@@ -49,9 +49,9 @@ def build_parser():
     ap.add_argument("--discriminator", default="", help="what train-discriminator wrote (default: MODELS/discriminator)")
     ap.add_argument("--tag", default="", help="suffix of the result files (cascade-TAG.json)")
     ap.add_argument("--steps", type=int, default=50, help="the heavy pipeline's steps (its default)")
-    ap.add_argument("--light-steps", type=int, default=1, help="the light pipeline's steps")
-    ap.add_argument("--light", default="", help="the light pipeline's own weights (diffusers directory, e.g. a "
-                    "student from `tessera train-student`); default: the heavy weights at --light-steps")
+    ap.add_argument("--light-steps", type=int, default=2, help="the light pipeline's steps")
+    ap.add_argument("--light", default="quality_models/student", help="the light pipeline's own weights (diffusers "
+                    "directory: a student from `tessera train-student`); '': the heavy weights at --light-steps")
     ap.add_argument("--slo-scale", type=float, default=4.0, help="SLO = k x the heavy pipeline's isolated latency")
     ap.add_argument("--band", default="0.3,2.5", help="the trace's rate band, as multiples of heavy capacity")
     ap.add_argument("--seconds-per-hour", type=float, default=5.0, help="each trace hour compressed to this")

@@ -120,6 +120,12 @@ def repo(work_dir, tiny_pipelines) -> Path:
                                    ("ref_cascade", {"routing": "controlled", "light_s": 0.05, "heavy_s": 0.5,
                                                     "cores": 2, "control_s": 0.5})):
                 add_cascade(path, name, "ref_engine", "ref_engine", "ref_discriminator", light_steps=1, **settings)
+            student = reference.parent / "student"
+            if student.is_dir():  # the committed 2-step student as its own light pipeline (student_engine)
+                export_pipeline(student, path, prefix="student_", progress=quiet,
+                                engine_config=EngineConfig(executor="local", policy="step-fcfs", profile_sizes="64x64"))
+                add_cascade(path, "ref_cascade_student", "student_engine", "ref_engine", "ref_discriminator",
+                            light_steps=2, routing="static", threshold=0.0)
     return path
 
 

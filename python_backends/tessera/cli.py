@@ -491,8 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     td = sub.add_parser("train-discriminator", help="train the cascade's discriminator (real rendered vs generated "
                                                     "images), export it to ONNX, measure its deferral profile")
     td.add_argument("out", help="model.onnx, discriminator.pt and discriminator.json (record + profile) go here")
-    td.add_argument("--light", default="quality_models/heavy", help="the light pipeline (diffusers directory)")
-    td.add_argument("--light-steps", type=int, default=1, help="the light pipeline's steps")
+    td.add_argument("--light", default="quality_models/student", help="the light pipeline (diffusers directory)")
+    td.add_argument("--light-steps", type=int, default=2, help="the light pipeline's steps")
     td.add_argument("--heavy", default="quality_models/heavy", help="the heavy pipeline (diffusers directory)")
     td.add_argument("--heavy-steps", type=int, default=50, help="the heavy pipeline's steps")
     td.add_argument("--evaluator", default="quality_models/evaluator.pt", help="judges held-out images right/wrong")
@@ -530,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="controlled (MILP threshold from demand), static, random, light or heavy")
     ca.add_argument("--threshold", type=float, default=0.5, help="static threshold on P(real) (controlled: the first)")
     ca.add_argument("--defer-fraction", type=float, default=0.3, help="random routing's deferred share")
-    ca.add_argument("--light-steps", type=int, default=1, help="steps the light engine runs each request")
+    ca.add_argument("--light-steps", type=int, default=2, help="steps the light engine runs each request (2: the "
+                    "committed student's)")
     ca.add_argument("--control-s", type=float, default=2.0, help="seconds between the controller's decisions")
     ca.add_argument("--light-s", type=float, default=None, help="seconds per request of light + discriminator, alone "
                                                               "(required for controlled)")

@@ -55,6 +55,19 @@ def test_kept_request_is_the_light_image_with_the_discriminators_score(client):
     assert conf == pytest.approx(score(client, image), abs=1e-5)
 
 
+def test_the_student_serves_as_its_own_light_pipeline(client, server):
+    """The cascade's light engine is the distilled student (quality_models/student, exported beside the heavy
+    reference as student_*): a kept answer is the student's 2-step image for the seed, not the reference's."""
+    if not (server.repo / "ref_cascade_student").is_dir():
+        pytest.skip("no committed student")
+    image, steps, by, conf = cascade(client, "ref_cascade_student", 50, seed=5)
+    assert by == "light" and steps == 2 and 0.0 <= conf <= 1.0
+    student, _ = infer(client, "grpc", request_arrays(PROMPT, 64, 64, 2, 4.0, 5), model="student_txt2img")
+    assert np.abs(image.astype(int) - student[0].astype(int)).max() <= 1
+    reference, _ = infer(client, "grpc", request_arrays(PROMPT, 64, 64, 2, 4.0, 5), model="ref_txt2img")
+    assert np.abs(image.astype(int) - reference[0].astype(int)).max() > 8  # the student's own weights answered
+
+
 def test_bad_input_names_the_field_and_the_cascade_stays_up(client):
     with pytest.raises(Exception, match="steps: .*allowed"):
         cascade(client, "ref_cascade", 0, seed=1)
