@@ -50,8 +50,8 @@ def build_parser():
     ap.add_argument("--tag", default="", help="suffix of the result files (cascade-TAG.json)")
     ap.add_argument("--steps", type=int, default=50, help="the heavy pipeline's steps (its default)")
     ap.add_argument("--light-steps", type=int, default=2, help="the light pipeline's steps")
-    ap.add_argument("--light", default="quality_models/student", help="the light pipeline's own weights (diffusers "
-                    "directory: a student from `tessera train-student`); '': the heavy weights at --light-steps")
+    ap.add_argument("--light", default=None, help="the light pipeline's own weights (diffusers directory: a student "
+                    "from `tessera train-student`; default MODELS/student); '': the heavy weights at --light-steps")
     ap.add_argument("--slo-scale", type=float, default=4.0, help="SLO = k x the heavy pipeline's isolated latency")
     ap.add_argument("--band", default="0.3,2.5", help="the trace's rate band, as multiples of heavy capacity")
     ap.add_argument("--seconds-per-hour", type=float, default=5.0, help="each trace hour compressed to this")
@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     from tessera_export.repository import add_cascade, add_discriminator, add_engine, export_pipeline
 
     models = Path(args.models)
+    if args.light is None:
+        args.light = str(models / "student")
     disc_dir = Path(args.discriminator) if args.discriminator else models / "discriminator"
     record = json.loads((disc_dir / "discriminator.json").read_text())
     profile = DeferralProfile.from_json(record["profile"])
@@ -222,13 +224,9 @@ def main(argv: list[str] | None = None) -> int:
 
         for v in ("heavy", "light", "controlled"):
             runs[v] = run(v)
-        def deferred(v: str) -> float:
-            ok = [r for r in runs[v] if r.status == "ok"]
-            return sum(r.served_by == "heavy" for r in ok) / max(len(ok), 1)
-
-        # static: the profile's threshold for the controlled run's deferral; random: static's measured deferral
-        # (equal deferral: the discriminator's routing against chance)
-        static_t = profile.threshold_for(deferred("controlled"))
+        # static: the profile's threshold for the share the controlled run's routing deferred; random: the share
+        # static's deferred (equal deferral: the discriminator's routing against chance)
+        static_t = profile.threshold_for(decided_deferral(server.metrics_url, "cascade_controlled"))
         add_cascade(repo, "cascade_static", "light_engine", "engine", routing="static", threshold=static_t, **common)
         server.load("cascade_static")
         runs["static"] = run("static")
@@ -240,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                     defer_fraction=round(deferral, 4), **common)
         server.load("cascade_random")
         runs["random"] = run("random")
+        # shares of each entry's answers: the trace's alone, except heavy and light (their warm-up and closed loops)
         decided = {v: decided_deferral(server.metrics_url, f"cascade_{v}") for v in runs}
 
     # quality accounting on what was returned

@@ -510,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--steps", type=int, default=2, help="the student's DDIM steps")
     ts.add_argument("--teacher-steps", type=int, default=50, help="the teacher's DDIM steps (its default)")
     ts.add_argument("--pairs", type=int, default=1536, help="teacher (noise, latents) pairs to distil from")
-    ts.add_argument("--held-out", type=int, default=288, help="held-out prompts and seeds for the record")
+    ts.add_argument("--held-out", type=int, default=288, help="held-out seeds (the 48 captions cycle) for the record")
     ts.add_argument("--train-steps", type=int, default=1500, help="training steps (batch 32)")
     ts.add_argument("--minutes", type=float, default=30.0, help="wall-clock bound, generation included")
     ts.add_argument("--seed", type=int, default=0, help="seed of the pairs, the batches and the held-out set")

@@ -71,7 +71,8 @@ class LatencyPredictor:
         # Then rescaled so the served window's predicted total equals its measured total (the profile's
         # before anything is served): the relative fit sits near the typical step, but served steps are
         # skewed slow (contention with request handling on shared cores), and a queue compounds any
-        # shortfall in total time (docs/architecture.md). The anchors shape the line; what is served sets its level.
+        # shortfall in total time (docs/architecture.md). Served shapes are pulled to their served cost;
+        # shapes the window never holds keep (about) their profiled cost.
         level = list(self.window) or self.anchors
         lx = np.stack([f for f, _ in level])
         predicted = float(np.sum(np.maximum(lx @ coef, 0.0)))

@@ -1,5 +1,6 @@
 """DiffServe's cascade through the real server (issue 17): the committed reference serves as both pipelines (light
-= 1 step), the committed discriminator scores. A deferred request's image equals the heavy pipeline's for the same
+= 1 step) in most entries, the committed 2-step student as the light one in ref_cascade_student; the committed
+discriminator scores. A deferred request's image equals the heavy pipeline's for the same
 seed; a kept one is the light pipeline's with the discriminator's own score; the controlled cascade answers every
 request and exports its plan."""
 

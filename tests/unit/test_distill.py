@@ -76,7 +76,15 @@ def test_train_student_writes_a_plain_pipeline_and_its_record(tmp_path):
         assert 0.0 <= v["right"] <= 1.0 and v["right"] + v["wrong"] == pytest.approx(1.0)
     assert rec["held_out"]["teacher"]["latent_mse_to_teacher"] == 0.0
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "student", local_files_only=True)
-    assert {p.dtype for p in pipe.unet.parameters()} == {torch.float32}
+    assert {p.dtype for p in pipe.unet.parameters()} == {torch.float32} and pipe.text_encoder.dtype == torch.float32
     out = pipe("a red circle at top left", height=64, width=64, num_inference_steps=1,
                generator=torch.Generator().manual_seed(0), output_type="np").images
     assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+
+
+def test_train_student_names_a_bad_setting(tmp_path):
+    from tessera.errors import ConfigError
+    from tessera.quality.distill import train_student
+
+    with pytest.raises(ConfigError, match="steps: allowed >= 1, got 0"):
+        train_student(tmp_path / "s", MODELS / "heavy", MODELS / "evaluator.pt", steps=0)

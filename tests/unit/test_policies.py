@@ -152,8 +152,9 @@ def test_predictor_fits_and_reports_out_of_sample_error():
 
 def test_predictor_keeps_the_profile_for_shapes_the_window_never_serves():
     """Served, a policy may step the large size only at degree > 1: the degree-1 window then holds small steps
-    alone, which cannot pin the cells term. The profile stays in every refit, so the large size keeps its
-    profiled cost; what is served sets the level (here 10% slower than profiled, on every shape)."""
+    alone, which cannot pin the cells term. The profile stays in every refit: the served shape is predicted at
+    its served cost (here 10% over the profile), the large size keeps its profiled cost (the degree table's
+    ratios are measured against that same prediction, so it cancels there)."""
     truth = lambda sh: 0.01 + 1e-4 * sh.features()[1] + 0.005 * sh.features()[2]  # noqa: E731
     small, large = BatchShape(((16, 16, 2),)), BatchShape(((64, 64, 2),))
     profile = [BatchShape(((s, s, 2),) * n) for s in (16, 32, 64) for n in (1, 2)]
@@ -163,7 +164,7 @@ def test_predictor_keeps_the_profile_for_shapes_the_window_never_serves():
         p.observe(small, 1.1 * truth(small))
     assert len(p.window) == 64 and len(p.anchors) == 6
     assert p.predict(small) == pytest.approx(1.1 * truth(small), rel=0.03)
-    assert p.predict(large) == pytest.approx(1.1 * truth(large), rel=0.1)
+    assert p.predict(large) == pytest.approx(truth(large), rel=0.03)
     bare = LatencyPredictor(window=64, refit_every=8)  # without anchors the line through one shape is arbitrary
     bare.window.extend((s.features(), truth(s)) for s in profile)
     bare._refit()

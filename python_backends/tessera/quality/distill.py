@@ -3,8 +3,9 @@ the heavy pipeline with its UNet fine-tuned so that its DDIM sampler at `steps` 
 as served) lands where the teacher's lands at 50 steps from the same initial noise: direct distillation of the
 sampler's output in latent space (Luhman & Luhman, 2021), backpropagated through the student's few steps.
 It is a diffusers pipeline like any other (served, exported and batched as such); `train_student` writes it and
-its training record, measured here: the evaluator's verdicts on held-out prompts and seeds for the student at
-`steps`, the teacher at `steps` (the same weights undistilled) and the teacher at 50."""
+its training record, measured here: the evaluator's verdicts on held-out seeds (the prompts cycle the shapes
+world's 48 captions) for the student at `steps` as saved (fp16-rounded), the teacher at `steps` (the same weights
+undistilled) and the teacher at 50."""
 
 from __future__ import annotations
 
@@ -64,11 +65,16 @@ def train_student(out_dir: str | Path, teacher_dir: str | Path, evaluator_path: 
     student pipeline to `out_dir` (fp16 files loaded as fp32, as the references) with training.json."""
     from tessera_export.tiny import load_pipeline
 
+    from ..errors import ConfigError
     from .discriminator import jobs_for
+    from .train import save_fp16
     from .features import evaluator_features, load_evaluator
     from .shapes import parse_caption
 
-    torch.set_num_threads(1)
+    for name, value in (("steps", steps), ("teacher_steps", teacher_steps), ("pairs", pairs), ("held_out", held_out),
+                        ("train_steps", train_steps), ("batch", batch)):
+        if value < 1:
+            raise ConfigError(f"{name}: allowed >= 1, got {value}")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     out = Path(out_dir)
@@ -107,9 +113,13 @@ def train_student(out_dir: str | Path, teacher_dir: str | Path, evaluator_path: 
                   f"{time.monotonic() - t0:.0f}s", end="", flush=True)
     print()
     train_s = time.monotonic() - t1
+    if not losses:
+        raise ConfigError(f"minutes: {minutes} left no time to train after generating the teacher's pairs ({gen_s:.0f} s)")
     student.eval().requires_grad_(False)
+    student.half().float()  # measured as saved: fp16 weights, loaded as fp32
 
-    # held out: other seeds; the evaluator's verdicts (every attribute right) and latent error to the teacher
+    # held out: other seeds (the same 48 captions); the evaluator's verdicts (every attribute right) and latent
+    # error to the teacher
     ho_jobs, ho_noise, ho_cond = draw(held_out, 500_000 + seed * 10_000)
     lat = {"student": sample_all(student, sampler, ho_noise, ho_cond, uncond1, steps, guidance),
            "teacher_few": sample_all(pipe.unet, sampler, ho_noise, ho_cond, uncond1, steps, guidance),
@@ -124,16 +134,13 @@ def train_student(out_dir: str | Path, teacher_dir: str | Path, evaluator_path: 
 
     pipe.unet = student
     out.mkdir(parents=True, exist_ok=True)
-    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
-    config = out / "text_encoder" / "config.json"  # loaded in one dtype (quality_models/README.md)
-    config.write_text(config.read_text().replace('"dtype": "float16"', '"dtype": "float32"'))
+    save_fp16(pipe, out)
     record = {
         "trained_by": "tessera.quality.distill.train_student",
         "teacher": {"dir": str(teacher_dir), "steps": teacher_steps}, "student_steps": steps, "guidance": guidance,
         "size": SIZE, "pairs": pairs, "batch": batch, "lr": lr, "train_steps": step, "seed": seed,
         "generate_s": round(gen_s, 1), "train_s": round(train_s, 1),
-        "loss_first_50": float(np.mean(losses[:50])) if losses else None,
-        "loss_last_50": float(np.mean(losses[-50:])) if losses else None,
+        "loss_first_50": float(np.mean(losses[:50])), "loss_last_50": float(np.mean(losses[-50:])),
         "held_out": {"n": held_out, **verdicts},
     }
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")

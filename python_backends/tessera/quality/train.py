@@ -300,12 +300,19 @@ def save_pipeline(out: Path, vae, nets, tok) -> Path:
         unet=copy.deepcopy(nets["unet"]), scheduler=M.sampler(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
-    # Weights stored in fp16 (half the bytes). diffusers loads the UNet and VAE as fp32 by default, but
-    # transformers loads the text encoder in the dtype its config names: the config says float32, so a plain
-    # DiffusionPipeline.from_pretrained gives one dtype and generates.
+    return save_fp16(pipe, out)
+
+
+def save_fp16(pipe, out: Path) -> Path:
+    """Weights stored in fp16 (half the bytes). diffusers loads the UNet and VAE as fp32 by default, but
+    transformers loads the text encoder in the dtype its config names: the config says float32, so a plain
+    DiffusionPipeline.from_pretrained gives one dtype and generates."""
     pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
     config = out / "text_encoder" / "config.json"
-    config.write_text(config.read_text().replace('"dtype": "float16"', '"dtype": "float32"'))
+    text = config.read_text()
+    if '"dtype": "float16"' not in text:
+        raise RuntimeError(f"{config}: no \"dtype\": \"float16\" to set to float32 (transformers changed its config)")
+    config.write_text(text.replace('"dtype": "float16"', '"dtype": "float32"'))
     return out
 
 
