@@ -88,3 +88,35 @@ def test_controlled_cascade_answers_every_request_and_exports_its_plan(server, c
     assert answers == 12
     threshold = metric(server, "tessera_cascade_threshold", "ref_cascade")
     assert 0.0 <= threshold <= 1.0 and metric(server, "tessera_cascade_feasible", "ref_cascade") == 1.0
+
+
+def test_concurrent_clients_are_all_answered_and_counted_once(server):
+    """8 clients at once on one cascade entry: its answer counter is incremented from 8 forwarding threads. The
+    stub's metric IPC is not thread-safe (one shared-memory slot per metric, replaced on every increment with the
+    GIL released), which crashed the server under perf.cascade's closed loop; every update is serialised now, so
+    the server stays up and the counter moves by exactly the answers."""
+    import threading
+
+    model = "ref_cascade_student" if (server.repo / "ref_cascade_student").is_dir() else "ref_cascade_light"
+    reason = dict(pipeline="light", reason="confident")
+    before = metric(server, "tessera_cascade_answers_total", model, **reason)
+    answered, errors = [], []
+
+    def one_client(k: int) -> None:
+        c = make_client("grpc", server.grpc_url)
+        try:
+            for i in range(20):
+                answered.append(cascade(c, model, 50, seed=100 * k + i)[2])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=one_client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and answered == ["light"] * 160
+    assert server.is_ready()
+    assert metric(server, "tessera_cascade_answers_total", model, **reason) - before == 160

@@ -75,23 +75,54 @@ STEPS_BUCKETS = [1, 2, 4, 8, 10, 15, 20, 25, 30, 40, 50, 75, 100, 150, 200]
 DURATION_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300]
 
 
+class SerialMetric:
+    """A Triton custom metric that one thread at a time may update. The Python backend's stub keeps each metric's
+    request in one shared-memory slot that every increment replaces, with the GIL released (r24.10 metric.cc,
+    SendIncrementRequest): two threads incrementing one metric free the slot the server is still reading, and the
+    server crashes (Signal 11 in libtriton_python.so, seen under the cascade's 8-client closed loop)."""
+
+    __slots__ = ("_metric", "_lock")
+
+    def __init__(self, metric, lock: threading.Lock):
+        self._metric, self._lock = metric, lock
+
+    def increment(self, value: float) -> None:
+        with self._lock:
+            self._metric.increment(value)
+
+    def set(self, value: float) -> None:
+        with self._lock:
+            self._metric.set(value)
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            self._metric.observe(value)
+
+
 class MetricSet:
-    """One model's metric families and metrics, labelled with its name (families must outlive their metrics)."""
+    """One model's metric families and metrics, labelled with its name (families must outlive their metrics).
+    Every metric it makes is a SerialMetric under one lock, so any thread may update any of them."""
 
     def __init__(self, model: str):
         self.labels = {"model": model}
         self.families: dict[str, pb_utils.MetricFamily] = {}
+        self._lock = threading.Lock()
 
     def family(self, name: str, desc: str, kind) -> pb_utils.MetricFamily:
         if name not in self.families:
             self.families[name] = pb_utils.MetricFamily(name=name, description=desc, kind=kind)
         return self.families[name]
 
-    def counter(self, name: str, desc: str, **extra):
-        return self.family(name, desc, pb_utils.MetricFamily.COUNTER).Metric(labels={**self.labels, **extra})
+    def metric(self, name: str, desc: str, kind, buckets: list[float] | None = None, **extra) -> SerialMetric:
+        labels, family = {**self.labels, **extra}, self.family(name, desc, kind)
+        metric = family.Metric(labels=labels) if buckets is None else family.Metric(labels=labels, buckets=buckets)
+        return SerialMetric(metric, self._lock)
 
-    def gauge(self, name: str, desc: str, **extra):
-        return self.family(name, desc, pb_utils.MetricFamily.GAUGE).Metric(labels={**self.labels, **extra})
+    def counter(self, name: str, desc: str, **extra) -> SerialMetric:
+        return self.metric(name, desc, pb_utils.MetricFamily.COUNTER, **extra)
+
+    def gauge(self, name: str, desc: str, **extra) -> SerialMetric:
+        return self.metric(name, desc, pb_utils.MetricFamily.GAUGE, **extra)
 
 
 class EngineMetrics(MetricSet):
@@ -129,15 +160,13 @@ class EngineMetrics(MetricSet):
         self.in_flight = gauge("tessera_in_flight_requests", "Requests accepted and not yet answered")
         self.ready = gauge("tessera_engine_ready", "1 while the engine loop serves; 0 once it has stopped")
         self.ready.set(1)
-        fam = self.family("tessera_steps_run", "Denoising steps run per answered request (early exit, degrade)",
-                           pb_utils.MetricFamily.HISTOGRAM)
-        self.steps_run = fam.Metric(labels=self.labels, buckets=STEPS_BUCKETS)
-        fam = self.family("tessera_request_duration_seconds",
-                           "End-to-end latency of requests the engine answered, arrival to answer (engine clock), "
-                           "by outcome; requests answered at admission (invalid, rejected, refused) are only in "
-                           "tessera_requests_total", pb_utils.MetricFamily.HISTOGRAM)
-        self.duration = {r.value: fam.Metric(labels={**self.labels, "outcome": r.value}, buckets=DURATION_BUCKETS)
-                         for r in FinishReason}
+        self.steps_run = self.metric("tessera_steps_run", "Denoising steps run per answered request (early exit, "
+                                     "degrade)", pb_utils.MetricFamily.HISTOGRAM, buckets=STEPS_BUCKETS)
+        duration = ("tessera_request_duration_seconds",
+                    "End-to-end latency of requests the engine answered, arrival to answer (engine clock), by outcome; "
+                    "requests answered at admission (invalid, rejected, refused) are only in tessera_requests_total")
+        self.duration = {r.value: self.metric(*duration, pb_utils.MetricFamily.HISTOGRAM, buckets=DURATION_BUCKETS,
+                                              outcome=r.value) for r in FinishReason}
         self.saved = {c: counter("tessera_steps_saved_total", "Steps asked for but not run, by cause", cause=c)
                       for c in ("early_exit", "degrade")}
         self.exited = counter("tessera_early_exits_total", "Requests ended early by the entropy rule")
