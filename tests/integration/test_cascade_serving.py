@@ -91,11 +91,15 @@ def test_controlled_cascade_answers_every_request_and_exports_its_plan(server, c
 
 
 def test_concurrent_clients_are_all_answered_and_counted_once(server):
-    """8 clients at once on one cascade entry: its answer counter is incremented from 8 forwarding threads. The
-    stub's metric IPC is not thread-safe (one shared-memory slot per metric, replaced on every increment with the
-    GIL released), which crashed the server under perf.cascade's closed loop; every update is serialised now, so
-    the server stays up and the counter moves by exactly the answers."""
+    """8 clients at once on one cascade entry, half of them asking for image and step only. Two stub hazards under
+    concurrency: the metric IPC (one shared-memory slot per metric, replaced on every increment with the GIL
+    released: every update is serialised now) and the stub's own dropping of unrequested outputs, which frees
+    their arrays with the GIL released (the entry now builds only the requested outputs). Both crashed or hung the
+    server under perf.cascade's closed loop; here every answer comes back with exactly the outputs asked for and the
+    counter moves by exactly the answers."""
     import threading
+
+    from tritonclient.grpc import InferRequestedOutput
 
     model = "ref_cascade_student" if (server.repo / "ref_cascade_student").is_dir() else "ref_cascade_light"
     reason = dict(pipeline="light", reason="confident")
@@ -104,11 +108,19 @@ def test_concurrent_clients_are_all_answered_and_counted_once(server):
 
     def one_client(k: int) -> None:
         c = make_client("grpc", server.grpc_url)
+        some = [InferRequestedOutput("image"), InferRequestedOutput("step")] if k % 2 else None
         try:
             for i in range(20):
                 arrays = request_arrays(PROMPT, 64, 64, 50, 4.0, 100 * k + i)
-                r = c.infer(model, infer_inputs("grpc", arrays), client_timeout=120)  # a hang fails, not blocks
-                answered.append(r.as_numpy("model").reshape(-1)[0].decode())
+                r = c.infer(model, infer_inputs("grpc", arrays), outputs=some, client_timeout=120)  # a hang fails
+                assert r.as_numpy("image").shape == (1, 64, 64, 3)
+                got = {o.name for o in r.get_response().outputs}
+                if some:
+                    assert got == {"image", "step"}
+                    answered.append("light")
+                else:
+                    assert got == {"image", "step", "model", "confidence"}
+                    answered.append(r.as_numpy("model").reshape(-1)[0].decode())
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
         finally:

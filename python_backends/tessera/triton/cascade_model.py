@@ -31,7 +31,8 @@ from ..inputs import parse_request
 from ..options import Routing
 from ..spec import PipelineSpec
 from ..wire import ENTRY_INPUT_NAMES, OUTPUT_CONFIDENCE, OUTPUT_IMAGE, OUTPUT_MODEL, OUTPUT_STEPS
-from .common import InFlight, Relayed, engine_final, input_or_none, int_param, parameters, setup_logging
+from .common import (InFlight, Relayed, engine_final, input_or_none, int_param, parameters, requested, response,
+                     setup_logging)
 from .errors import error_response, relayed_error
 from .metrics import MetricSet
 
@@ -123,17 +124,18 @@ class TritonPythonModel:
                 continue
             try:
                 arrays = {t.name(): np.array(t.as_numpy(), copy=True) for t in request.inputs()}
-                self.pool.submit(self._serve, arrays, slo_ms, plan, sender, t0)
+                self.pool.submit(self._serve, arrays, requested(request), slo_ms, plan, sender, t0)
             except Exception as e:  # noqa: BLE001 - (shutting down) answered here, never left without a response
                 self.in_flight.leave()
                 sender.send(error_response(e), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
 
-    def _serve(self, arrays: dict[str, np.ndarray], slo_ms: int | None, plan, sender, t0: float) -> None:
+    def _serve(self, arrays: dict[str, np.ndarray], wanted: frozenset[str], slo_ms: int | None, plan, sender,
+               t0: float) -> None:
         """One request, arrived at t0 (monotonic) under `plan` (None: not controlled): every exit sends its one
         response."""
         try:
-            answer = self._cascade(arrays, slo_ms, plan, t0)
+            answer = response(self._cascade(arrays, slo_ms, plan, t0), wanted)
         except Relayed as e:
             answer = pb_utils.InferenceResponse(error=relayed_error(str(e)))
         except Exception as e:  # noqa: BLE001 - every request gets its one response
@@ -212,11 +214,11 @@ class TritonPythonModel:
     def _answer(self, result, model: str, route: Route, confidence: float | None):
         image, steps = result
         self.answers[(model, route.reason)].increment(1)
-        return pb_utils.InferenceResponse([
+        return [
             pb_utils.Tensor(OUTPUT_IMAGE, image), pb_utils.Tensor(OUTPUT_STEPS, steps),
             pb_utils.Tensor(OUTPUT_MODEL, np.array([[model.encode()]], dtype=np.object_)),
             pb_utils.Tensor(OUTPUT_CONFIDENCE, np.array([[-1.0 if confidence is None else confidence]], dtype=np.float32)),
-        ])
+        ]
 
     def _engine(self, engine: str, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """The final image and steps of one request on a decoupled engine; Relayed on its error answer."""

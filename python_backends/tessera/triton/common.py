@@ -76,6 +76,20 @@ class InFlight:
             f"{self.name}: overloaded; allowed at most {self.limit} requests in flight, got one more"))
 
 
+def requested(request) -> frozenset[str]:
+    """The outputs a request asked for (all of the model's when it named none), for `response`."""
+    return frozenset(request.requested_output_names())
+
+
+def response(tensors: list, wanted: frozenset[str]):
+    """A response of the `tensors` (pb_utils.Tensor) the request asked for, the others dropped here, under the GIL.
+    The stub drops unrequested outputs itself, but inside ResponseSender::Send with the GIL released (python_backend
+    r24.10 and main, PruneOutputTensors): their numpy arrays are freed without the GIL, corrupting the interpreter.
+    Seen as the cascade entry's stub dying ("not healthy") or hanging under 8 concurrent clients that asked for
+    image and step only, while its answers also carried model (BYTES) and confidence."""
+    return pb_utils.InferenceResponse([t for t in tensors if t.name() in wanted])
+
+
 class Relayed(Exception):
     """A model's error answer over BLS, relayed with its message (and so its Tessera class tag)."""
 

@@ -46,7 +46,7 @@ from ..placement import make_placer
 from ..policies import make_policy
 from ..spec import PipelineSpec
 from ..wire import ENTRY_INPUT_NAMES, OUTPUT_IMAGE, OUTPUT_PREVIEW, OUTPUT_STEPS, SERVER_HTTP_ENV, STREAM_INPUTS
-from .common import input_or_none, parameters, setup_logging
+from .common import input_or_none, parameters, requested, response, setup_logging
 from .errors import error_response, triton_error
 from .metrics import EngineMetrics
 
@@ -76,6 +76,7 @@ class _Client:
     request: Any  # pb_utils.InferenceRequest (polled for cancellation)
     sender: Any  # its response sender
     client_id: str  # the client's request id (named in error messages)
+    wanted: frozenset[str]  # the outputs it asked for (common.response)
 
 
 class TritonPythonModel:
@@ -172,7 +173,7 @@ class TritonPythonModel:
 
     def _accept(self, request) -> None:
         sender = request.get_response_sender()
-        client = _Client(request, sender, request.request_id() or "")
+        client = _Client(request, sender, request.request_id() or "", requested(request))
         try:
             tensors = {n: input_or_none(request, n) for n in ENTRY_INPUT_NAMES}
             items = parse_request(tensors, self.spec.limits, self.pipeline.count_tokens, self.engine.adapters.names(),
@@ -239,10 +240,10 @@ class TritonPythonModel:
             tensors = [pb_utils.Tensor(OUTPUT_STEPS, np.array([[out.step_index]], np.int32))]
             if out.image is not None:
                 tensors.append(pb_utils.Tensor(OUTPUT_PREVIEW, out.image[None]))
-            client.sender.send(pb_utils.InferenceResponse(tensors))
+            client.sender.send(response(tensors, client.wanted))
         elif answer.images is not None:
             tensors = [pb_utils.Tensor(OUTPUT_IMAGE, answer.images), pb_utils.Tensor(OUTPUT_STEPS, answer.steps)]
-            client.sender.send(pb_utils.InferenceResponse(tensors), flags=final)
+            client.sender.send(response(tensors, client.wanted), flags=final)
         else:
             error = answer.error or CancelledError("request cancelled")
             client.sender.send(pb_utils.InferenceResponse(error=triton_error(error, client.client_id)), flags=final)

@@ -21,7 +21,8 @@ from ..inputs import parse_request
 from ..spec import PipelineSpec
 from ..wire import ENTRY_INPUT_NAMES, OUTPUT_IMAGE, OUTPUT_STEPS
 from ..errors import ShutdownError
-from .common import InFlight, Relayed, engine_final, input_or_none, int_param, parameters, setup_logging
+from .common import (InFlight, Relayed, engine_final, input_or_none, int_param, parameters, requested, response,
+                     setup_logging)
 from .errors import error_response, relayed_error
 
 log = logging.getLogger("tessera.triton.txt2img")
@@ -59,13 +60,13 @@ class TritonPythonModel:
                 continue
             try:  # copy the inputs now: the request object is not used after execute returns
                 inputs = [pb_utils.Tensor(t.name(), np.array(t.as_numpy(), copy=True)) for t in request.inputs()]
-                self.pool.submit(self._forward, inputs, sender)
+                self.pool.submit(self._forward, inputs, requested(request), sender)
             except Exception as e:  # noqa: BLE001 - (shutting down) answered here, never left without a response
                 self.in_flight.leave()
                 sender.send(error_response(e), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
 
-    def _forward(self, inputs, sender) -> None:
+    def _forward(self, inputs, wanted: frozenset[str], sender) -> None:
         try:
             final = engine_final(self.engine, inputs, (OUTPUT_IMAGE, OUTPUT_STEPS))
             if final is None:
@@ -73,7 +74,7 @@ class TritonPythonModel:
                     error=pb_utils.TritonError(f"{self.engine}: finished without an image", pb_utils.TritonError.INTERNAL)
                 )
             else:
-                answer = pb_utils.InferenceResponse([t for t in final.values() if t is not None])
+                answer = response([t for t in final.values() if t is not None], wanted)
         except Relayed as e:
             answer = pb_utils.InferenceResponse(error=relayed_error(str(e)))
         except Exception as e:  # noqa: BLE001 - every request gets its one response
