@@ -85,8 +85,8 @@ def response(tensors: list, wanted: frozenset[str]):
     """A response of the `tensors` (pb_utils.Tensor) the request asked for, the others dropped here, under the GIL.
     The stub drops unrequested outputs itself, but inside ResponseSender::Send with the GIL released (python_backend
     r24.10 and main, PruneOutputTensors): their numpy arrays are freed without the GIL, corrupting the interpreter.
-    Seen as the cascade entry's stub dying ("not healthy") or hanging under 8 concurrent clients that asked for
-    image and step only, while its answers also carried model (BYTES) and confidence."""
+    One cause of the cascade entry's stub dying ("not healthy") under 8 concurrent clients that asked for image
+    and step only, while its answers also carried model (BYTES) and confidence; not the only one (docs/cascade.md)."""
     return pb_utils.InferenceResponse([t for t in tensors if t.name() in wanted])
 
 
