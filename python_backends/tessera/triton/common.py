@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import threading
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -83,10 +85,9 @@ def requested(request) -> frozenset[str]:
 
 def response(tensors: list, wanted: frozenset[str]):
     """A response of the `tensors` (pb_utils.Tensor) the request asked for, the others dropped here, under the GIL.
-    The stub drops unrequested outputs itself, but inside ResponseSender::Send with the GIL released (python_backend
-    r24.10 and main, PruneOutputTensors): their numpy arrays are freed without the GIL, corrupting the interpreter.
-    One cause of the cascade entry's stub dying ("not healthy") under 8 concurrent clients that asked for image
-    and step only, while its answers also carried model (BYTES) and confidence; not the only one (docs/cascade.md)."""
+    The stub drops unrequested outputs itself, but inside ResponseSender::Send with the GIL released, and in
+    python_backend r24.10 PbTensor's destructor does not take it: their numpy arrays were freed without the GIL,
+    corrupting the interpreter (the cascade entry's stub died under 8 concurrent clients; docs/architecture.md)."""
     return pb_utils.InferenceResponse([t for t in tensors if t.name() in wanted])
 
 
@@ -94,15 +95,43 @@ class Relayed(Exception):
     """A model's error answer over BLS, relayed with its message (and so its Tessera class tag)."""
 
 
+class _Parked:
+    """Decoupled BLS response iterators held for `hold_s` after their last response, then dropped here, under the GIL.
+    In python_backend r24.10 (tritonserver 2.51) the stub's utility thread erases a finished iterator from its map
+    without the GIL (Stub::SendCleanupId); when Python has dropped its reference first, that erase destroys the
+    iterator, its responses and their tensors, and PbTensor's destructor frees their numpy arrays without the GIL
+    (fixed upstream in python_backend b771f4f, r25.01). Holding the iterator until the erase is long done makes
+    Python's drop the last one. The cascade entry, which drops each BLS response right after copying its image,
+    lost its stub to this within seconds at ~100 requests/s (docs/architecture.md)."""
+
+    def __init__(self, hold_s: float = 5.0):
+        self.hold_s, self.items, self.lock = hold_s, collections.deque(), threading.Lock()
+
+    def park(self, iterator) -> None:
+        now, expired = time.monotonic(), []
+        with self.lock:
+            self.items.append((now + self.hold_s, iterator))
+            while self.items and self.items[0][0] <= now:
+                expired.append(self.items.popleft())
+        del expired  # dropped here, outside the lock, with the GIL
+
+
+_PARKED = _Parked()
+
+
 def engine_final(engine: str, inputs: list, outputs: tuple[str, ...]) -> dict | None:
     """Run one request on decoupled model `engine` over BLS; its final response's `outputs` (pb_utils tensors, a
     missing one None), None if it finished without an image. Relayed on an error answer."""
     bls = pb_utils.InferenceRequest(model_name=engine, inputs=inputs, requested_output_names=list(outputs))
     final = None
-    for response in bls.exec(decoupled=True):
-        if response.has_error():
-            raise Relayed(response.error().message())
-        tensors = {n: pb_utils.get_output_tensor_by_name(response, n) for n in outputs}
-        if tensors[outputs[0]] is not None:
-            final = tensors
+    iterator = bls.exec(decoupled=True)
+    try:
+        for response in iterator:
+            if response.has_error():
+                raise Relayed(response.error().message())
+            tensors = {n: pb_utils.get_output_tensor_by_name(response, n) for n in outputs}
+            if tensors[outputs[0]] is not None:
+                final = tensors
+    finally:
+        _PARKED.park(iterator)
     return final
