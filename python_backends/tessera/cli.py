@@ -168,7 +168,7 @@ def _cmd_train_student(a: argparse.Namespace) -> int:
     _single_thread()
     record = train_student(a.out, a.teacher, a.evaluator, steps=a.steps, teacher_steps=a.teacher_steps,
                            pairs=a.pairs, held_out=a.held_out, train_steps=a.train_steps, minutes=a.minutes,
-                           seed=a.seed)
+                           seed=a.seed, init_dir=a.init or None)
     print(f"[tessera] train-student: {record['held_out']}")
     return 0
 
@@ -514,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--train-steps", type=int, default=1500, help="training steps (batch 32)")
     ts.add_argument("--minutes", type=float, default=30.0, help="wall-clock bound, generation included")
     ts.add_argument("--seed", type=int, default=0, help="seed of the pairs, the batches and the held-out set")
+    ts.add_argument("--init", default="", help="start the student from this pipeline's UNet (e.g. the light reference, "
+                    "quality_models/light; default: a copy of the teacher's)")
     ts.set_defaults(fn=_cmd_train_student)
 
     ca = sub.add_parser("cascade", help="add a DiffServe cascade entry (light engine -> discriminator -> heavy "

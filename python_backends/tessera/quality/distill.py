@@ -60,9 +60,10 @@ def sample_all(unet, sampler, noise: torch.Tensor, cond: torch.Tensor, uncond1: 
 def train_student(out_dir: str | Path, teacher_dir: str | Path, evaluator_path: str | Path, steps: int = 2,
                   teacher_steps: int = 50, guidance: float = 4.0, pairs: int = 1536, held_out: int = 288,
                   train_steps: int = 1500, batch: int = 32, lr: float = 1e-4, minutes: float = 30.0,
-                  seed: int = 0) -> dict:
-    """Generate teacher pairs (noise, 50-step latents), fine-tune a copy of the teacher's UNet on them, save the
-    student pipeline to `out_dir` (fp16 files loaded as fp32, as the references) with training.json."""
+                  seed: int = 0, init_dir: str | Path | None = None) -> dict:
+    """Generate teacher pairs (noise, 50-step latents), fine-tune a copy of the teacher's UNet on them (or of
+    `init_dir`'s UNet: a smaller network, e.g. the light reference's, behind the teacher's text encoder and VAE), save
+    the student pipeline to `out_dir` (fp16 files loaded as fp32, as the references) with training.json."""
     from tessera_export.tiny import load_pipeline
 
     from ..errors import ConfigError
@@ -94,7 +95,8 @@ def train_student(out_dir: str | Path, teacher_dir: str | Path, evaluator_path: 
     target = sample_all(pipe.unet, pipe.scheduler, noise, cond, uncond1, teacher_steps, guidance)
     gen_s = time.monotonic() - t0
 
-    student = copy.deepcopy(pipe.unet).train().requires_grad_(True)
+    student = copy.deepcopy(pipe.unet if init_dir is None else load_pipeline(init_dir).unet.float())
+    student.train().requires_grad_(True)
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     sampler = copy.deepcopy(pipe.scheduler)
     losses, t1, step = [], time.monotonic(), 0
@@ -132,12 +134,16 @@ def train_student(out_dir: str | Path, teacher_dir: str | Path, evaluator_path: 
         verdicts[name] = {"right": float(right.mean()), "wrong": float(1 - right.mean()),
                           "latent_mse_to_teacher": float(F.mse_loss(z, lat["teacher"]))}
 
+    teacher_params = sum(p.numel() for p in pipe.unet.parameters())
     pipe.unet = student
     out.mkdir(parents=True, exist_ok=True)
     save_fp16(pipe, out)
     record = {
         "trained_by": "tessera.quality.distill.train_student",
         "teacher": {"dir": str(teacher_dir), "steps": teacher_steps}, "student_steps": steps, "guidance": guidance,
+        "init": str(init_dir) if init_dir is not None else "teacher",
+        "student_params": sum(p.numel() for p in student.parameters()),
+        "teacher_params": teacher_params,
         "size": SIZE, "pairs": pairs, "batch": batch, "lr": lr, "train_steps": step, "seed": seed,
         "generate_s": round(gen_s, 1), "train_s": round(train_s, 1),
         "loss_first_50": float(np.mean(losses[:50])), "loss_last_50": float(np.mean(losses[-50:])),
