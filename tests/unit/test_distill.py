@@ -88,3 +88,22 @@ def test_train_student_names_a_bad_setting(tmp_path):
 
     with pytest.raises(ConfigError, match="steps: allowed >= 1, got 0"):
         train_student(tmp_path / "s", MODELS / "heavy", MODELS / "evaluator.pt", steps=0)
+
+
+def test_train_student_from_another_unet_keeps_its_architecture(tmp_path):
+    """--init: the student starts from the light reference's smaller UNet behind the teacher's text encoder and VAE."""
+    from diffusers import DiffusionPipeline
+    from tessera.quality.distill import train_student
+
+    if not (MODELS / "light").is_dir():
+        pytest.skip("quality_models/light is not committed")
+    rec = train_student(tmp_path / "student", MODELS / "heavy", MODELS / "evaluator.pt", steps=1, teacher_steps=2,
+                        pairs=4, held_out=2, train_steps=1, batch=2, init_dir=MODELS / "light")
+    light = json.loads((MODELS / "light" / "unet" / "config.json").read_text())
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "student", local_files_only=True)
+    assert list(pipe.unet.config.block_out_channels) == light["block_out_channels"] == [32, 64, 64]
+    assert rec["init"] == str(MODELS / "light") and rec["student_params"] < rec["teacher_params"]
+    assert rec["student_params"] == sum(p.numel() for p in pipe.unet.parameters())
+    heavy = DiffusionPipeline.from_pretrained(MODELS / "heavy", local_files_only=True)
+    for a, b in zip(pipe.text_encoder.parameters(), heavy.text_encoder.parameters()):
+        assert torch.equal(a, b)

@@ -100,9 +100,10 @@ class _Parked:
     In python_backend r24.10 (tritonserver 2.51) the stub's utility thread erases a finished iterator from its map
     without the GIL (Stub::SendCleanupId); when Python has dropped its reference first, that erase destroys the
     iterator, its responses and their tensors, and PbTensor's destructor frees their numpy arrays without the GIL
-    (fixed upstream in python_backend b771f4f, r25.01). Holding the iterator until the erase is long done makes
+    (upstream python_backend takes the GIL there since b771f4f, December 2024). Holding the iterator until the erase is long done makes
     Python's drop the last one. The cascade entry, which drops each BLS response right after copying its image,
-    lost its stub to this within seconds at ~100 requests/s (docs/architecture.md)."""
+    lost its stub to this after ~2,500 requests at ~100 requests/s (docs/architecture.md). Idle, the last few
+    stay held until the next call."""
 
     def __init__(self, hold_s: float = 5.0):
         self.hold_s, self.items, self.lock = hold_s, collections.deque(), threading.Lock()
