@@ -32,10 +32,10 @@ def build_parser():
     ap = parser("light_models", __doc__)
     ap.add_argument("--candidates", default=DEFAULT, help="NAME=PIPELINE_DIR@STEPS, comma-separated; the first is "
                     "the reference the cost ratios divide")
-    ap.add_argument("--evaluator", default="quality_models/evaluator.pt")
+    ap.add_argument("--evaluator", default="quality_models/evaluator.pt", help="judges the images right/wrong")
     ap.add_argument("--n", type=int, default=288, help="held-out (caption, seed) jobs")
     ap.add_argument("--seed0", type=int, default=500_000, help="first seed (the student trainer's held-out seeds)")
-    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance (the references')")
     return ap
 
 
