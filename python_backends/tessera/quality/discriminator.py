@@ -46,12 +46,13 @@ class Discriminator(nn.Module):
         return torch.sigmoid(self.logit(images))
 
 
-def generate(pipeline_dir: str | Path, jobs: list[tuple[Label, int]], steps: int, guidance: float = 4.0,
-             size: int = SIZE, chunk: int = 48) -> np.ndarray:
-    """uint8 [N, size, size, 3]: the diffusers pipeline in `pipeline_dir` on (label, seed) jobs, batched."""
+def generate(pipeline, jobs: list[tuple[Label, int]], steps: int, guidance: float = 4.0, size: int = SIZE,
+             chunk: int = 48) -> np.ndarray:
+    """uint8 [N, size, size, 3]: the diffusers pipeline (a directory, or one already loaded) on (label, seed) jobs,
+    batched."""
     from tessera_export.tiny import load_pipeline
 
-    pipe = load_pipeline(pipeline_dir)
+    pipe = load_pipeline(pipeline) if isinstance(pipeline, (str, Path)) else pipeline
     pipe.set_progress_bar_config(disable=True)
     out = []
     for i in range(0, len(jobs), chunk):
