@@ -90,17 +90,21 @@ def closed_loop_rps(url: str, model: str, seconds: float, concurrency: int = 8, 
     return done[0] / (time.perf_counter() - t0)
 
 
-def discriminator_s(url: str, repeats: int = 50) -> float:
+def discriminator_s(url: str, record: dict, repeats: int = 50) -> float:
+    """The served discriminator's median latency on one image (with 77 prompt tokens when it reads them)."""
     from tritonclient.grpc import InferenceServerClient, InferInput
 
     c = InferenceServerClient(url)
     x = np.random.default_rng(0).integers(0, 256, (1, *SIZE, 3), dtype=np.uint8)
-    inp = InferInput("image", list(x.shape), "UINT8")
-    inp.set_data_from_numpy(x)
+    inputs = [InferInput("image", list(x.shape), "UINT8")]
+    inputs[0].set_data_from_numpy(x)
+    if record.get("inputs", "image") == "image+prompt":
+        inputs.append(InferInput("input_ids", [1, 77], "INT64"))
+        inputs[1].set_data_from_numpy(np.full((1, 77), record["tokenizer"]["pad_id"], np.int64))
     times = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
-        c.infer("discriminator", [inp])
+        c.infer("discriminator", inputs)
         times.append(time.perf_counter() - t0)
     c.close()
     return statistics.median(times[1:])
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             isolated_ms(server, m, args.steps, 0, sizes=(SIZE,), guidance=GUIDANCE)  # warm-up
         iso_heavy = isolated_ms(server, "cascade_heavy", args.steps, 5, sizes=(SIZE,), guidance=GUIDANCE)[SIZE]
         iso_light = isolated_ms(server, "cascade_light", args.steps, 5, sizes=(SIZE,), guidance=GUIDANCE)[SIZE]
-        disc_s = discriminator_s(server.grpc_url)
+        disc_s = discriminator_s(server.grpc_url, record)
         rps_heavy = closed_loop_rps(server.grpc_url, "cascade_heavy", 15.0, steps=args.steps)
         rps_light = closed_loop_rps(server.grpc_url, "cascade_light", 10.0, steps=args.steps)
         costs = ServiceCosts(light_s=1.0 / rps_light + disc_s, heavy_s=1.0 / rps_heavy)
@@ -297,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
                            "closed_loop_rps": {"heavy": rps_heavy, "light": rps_light},
                            "service_costs": dataclasses.asdict(costs), "rate_band_rps": [lo, hi],
                            "trace_requests": len(trace.requests), "trace_duration_s": duration,
-                           "discriminator": {k: record[k] for k in ("held_out", "train", "light", "heavy")},
+                           "discriminator": {"dir": str(disc_dir), "inputs": record.get("inputs", "image"),
+                                             **{k: record[k] for k in ("held_out", "train", "light", "heavy")}},
                            "light_training": json.loads((Path(args.light) / "training.json").read_text())
                            if args.light and (Path(args.light) / "training.json").exists() else None}
     suffix = f"-{args.tag}" if args.tag else ""

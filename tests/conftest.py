@@ -126,6 +126,11 @@ def repo(work_dir, tiny_pipelines) -> Path:
                                 engine_config=EngineConfig(executor="local", policy="step-fcfs", profile_sizes="64x64"))
                 add_cascade(path, "ref_cascade_student", "student_engine", "ref_engine", "ref_discriminator",
                             light_steps=2, routing="static", threshold=0.0)
+            prompted = reference.parent / "discriminator_prompt"
+            if prompted.is_dir():  # the image+prompt discriminator: the entry sends the prompt's tokens too
+                add_discriminator(path, prompted, "ref_discriminator_prompt")
+                add_cascade(path, "ref_cascade_prompt", "ref_engine", "ref_engine", "ref_discriminator_prompt",
+                            light_steps=1, routing="static", threshold=0.0)
     return path
 
 

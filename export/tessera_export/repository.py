@@ -459,14 +459,20 @@ def add_discriminator(repo: str | Path, src: str | Path, name: str = "discrimina
     """The cascade's discriminator as its own model (ONNX Runtime in the Python backend, as every CPU component):
     `src` holds discriminator.json (its training record and deferral profile) and model.onnx or, in a clone (ONNX
     files are not committed), discriminator.pt to export it from, as tessera.quality.discriminator.train_discriminator
-    writes them. uint8 image [H, W, 3] in, p_real [1] out."""
-    from tessera.quality.discriminator import INPUT, OUTPUT, export_checkpoint
+    writes them. uint8 image [H, W, 3] in (and, for a discriminator of inputs image+prompt, int64 input_ids [L]: the
+    prompt's tokens), p_real [1] out."""
+    from tessera.options import DiscriminatorInput
+    from tessera.quality.discriminator import IDS, INPUT, OUTPUT, export_checkpoint
 
     repo, src = Path(repo), Path(src)
     weights = "model.onnx" if (src / "model.onnx").exists() else "discriminator.pt"
     missing = [f for f in (weights, "discriminator.json") if not (src / f).exists()]
     if missing:
         raise ExportError(f"discriminator: {src} has no {missing[0]} (train one with `tessera train-discriminator`)")
+    record = json.loads((src / "discriminator.json").read_text())
+    inputs = [(INPUT, "TYPE_UINT8", [-1, -1, 3], False, False)]
+    if DiscriminatorInput.parse("inputs", record.get("inputs", "image")) is DiscriminatorInput.IMAGE_PROMPT:
+        inputs.append((IDS, "TYPE_INT64", [-1], False, False))
     vdir = repo / name / "1"
     shutil.rmtree(repo / name, ignore_errors=True)
     vdir.mkdir(parents=True)
@@ -478,8 +484,7 @@ def add_discriminator(repo: str | Path, src: str | Path, name: str = "discrimina
     (vdir / "model.py").write_text(SHIM_COMPONENT)
     (repo / name / "config.pbtxt").write_text(
         f'name: "{name}"\nbackend: "python"\nmax_batch_size: {COMPONENT_MAX_BATCH}\n'
-        + _io_block("input", [(INPUT, "TYPE_UINT8", [-1, -1, 3], False, False)])
-        + _io_block("output", [(OUTPUT, "TYPE_FP32", [1], False, False)])
+        + _io_block("input", inputs) + _io_block("output", [(OUTPUT, "TYPE_FP32", [1], False, False)])
         + "dynamic_batching { max_queue_delay_microseconds: 0 }\ninstance_group [ { count: 1 kind: KIND_CPU } ]\n"
         + _parameters({"intra_op_threads": 1}))
     return vdir

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 from .errors import TesseraError
-from .options import (CfgParallel, ControlMode, Decode, DenoiseMode, EarlyRefusal, Executor, OnHopeless, Placement,
-                      PolicyName, Routing, Runtime, Switch)
+from .options import (CfgParallel, ControlMode, Decode, DenoiseMode, DiscriminatorInput, EarlyRefusal, Executor,
+                      OnHopeless, Placement, PolicyName, Routing, Runtime, Switch)
 
 
 def _cmd_build_tiny(a: argparse.Namespace) -> int:
@@ -157,7 +157,8 @@ def _cmd_train_discriminator(a: argparse.Namespace) -> int:
     _single_thread()
     record = train_discriminator(a.out, a.light, a.heavy, a.evaluator, light_steps=a.light_steps,
                                  heavy_steps=a.heavy_steps, per_kind=a.images, held_out=a.held_out, steps=a.steps,
-                                 seed=a.seed)
+                                 seed=a.seed, inputs=a.inputs, generated_share=a.generated_share,
+                                 ablate=tuple(a.ablate))
     print(f"[tessera] train-discriminator: {record['held_out']}")
     return 0
 
@@ -254,6 +255,17 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         config = {"model": a.model, "trace": trace.params, "kind": trace.kind, "slo_ms": a.slo_ms}
         write_result(out.stem, config, summary | {"raw": raw}, out.parent)
     return 0
+
+
+def _shares(text: str) -> tuple[float, ...]:
+    """'0.1,0.25' -> (0.1, 0.25): shares of a batch in [0, 0.5]."""
+    try:
+        shares = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        shares = (-1.0,)
+    if any(not 0.0 <= v <= 0.5 for v in shares):
+        raise argparse.ArgumentTypeError(f"comma-separated shares in [0, 0.5], got {text!r}")
+    return shares
 
 
 def _single_thread() -> None:
@@ -500,6 +512,13 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--held-out", type=int, default=288, help="held-out images per pipeline for the profile")
     td.add_argument("--steps", type=int, default=600, help="training steps (batch 64)")
     td.add_argument("--seed", type=int, default=0, help="seed of the weights, data and held-out set")
+    td.add_argument("--inputs", choices=[m.value for m in DiscriminatorInput], default="image",
+                    help="image: P(real) of the image alone (DiffServe's); image+prompt: P(real and of this prompt), "
+                         "trained against real images with near-miss prompts")
+    td.add_argument("--generated-share", type=float, default=0.0,
+                    help="image+prompt: share of each batch given to generated images labelled fake, in [0, 0.5]")
+    td.add_argument("--ablate", type=_shares, default=(), help="image+prompt: comma-separated generated shares to "
+                    "train as well and record how each routes (discriminator.json 'ablation')")
     td.set_defaults(fn=_cmd_train_discriminator)
 
     ts = sub.add_parser("train-student", help="distil a few-step student from the heavy reference (the cascade's "

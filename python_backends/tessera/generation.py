@@ -20,6 +20,7 @@ from .executors.base import Components
 from .request import GenerationParams
 from .options import Family
 from .spec import PipelineSpec
+from .tokenizer import padded_ids
 
 
 def make_sampler(config: dict):
@@ -70,14 +71,10 @@ class Txt2Img:
         """Tokens including start/end (the same count diffusers would truncate at model_max_length)."""
         return max(len(tok(text).input_ids) for tok in self._count_tokenizers)
 
-    def _token_ids(self, tokenizer, texts: list[str]) -> np.ndarray:
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
-        return np.asarray(ids, dtype=np.int64)
-
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
         """Prompt embeddings for `texts` as the family's diffusers pipeline computes them."""
         outs = [
-            self.components.encode_text(enc, self._token_ids(tok, texts))
+            self.components.encode_text(enc, padded_ids(tok, texts))
             for enc, tok in zip(self.spec.text_encoders, self.tokenizers, strict=True)
         ]
         if self.spec.family is Family.SD:

@@ -124,3 +124,10 @@ class Routing(Option):
     RANDOM = "random"  # a fixed fraction deferred at random, whatever the image (the routing baseline)
     LIGHT = "light"  # the light pipeline answers every request
     HEAVY = "heavy"  # the heavy pipeline answers every request (the light one never runs)
+
+
+class DiscriminatorInput(Option):
+    """What the cascade's discriminator sees (its training record says; the cascade sends what it names)."""
+
+    IMAGE = "image"  # the image alone: P(real), DiffServe's discriminator
+    IMAGE_PROMPT = "image+prompt"  # the image and its prompt's token ids: P(real and of this prompt)

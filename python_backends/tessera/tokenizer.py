@@ -12,10 +12,19 @@ import importlib.metadata
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
 from .errors import RuntimeUnavailableError
 
 CLIP_MAX_LENGTH = 77
 ALL_MERGES = 48_894  # the full CLIP vocab has 49,408 tokens
+
+
+def padded_ids(tokenizer, texts: list[str]) -> np.ndarray:
+    """int64 [N, L]: `texts` as the pipelines feed their text encoders (padded and truncated to the tokenizer's
+    model_max_length)."""
+    ids = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    return np.asarray(ids, dtype=np.int64)
 
 
 def clip_bpe_path() -> Path:

@@ -69,6 +69,36 @@ def test_the_student_serves_as_its_own_light_pipeline(client, server):
     assert np.abs(image.astype(int) - reference[0].astype(int)).max() > 8  # the student's own weights answered
 
 
+def test_an_image_prompt_discriminator_scores_the_light_image_with_its_prompts_tokens(client, server):
+    """ref_cascade_prompt's discriminator reads the prompt too (quality_models/discriminator_prompt): the entry
+    sends the prompt's tokens as the light pipeline tokenizes them, and the confidence it answers is the
+    discriminator's own score of the light image with those tokens; the same image with a near-miss prompt
+    scores differently through the same model."""
+    if not (server.repo / "ref_cascade_prompt").is_dir():
+        pytest.skip("no committed image+prompt discriminator")
+    from transformers import CLIPTokenizer
+
+    from tessera.tokenizer import padded_ids
+
+    image, steps, by, conf = cascade(client, "ref_cascade_prompt", 10, seed=6)
+    assert by == "light" and steps == 1
+    from tessera.spec import PipelineSpec
+
+    light = server.repo / "ref_engine" / "1"
+    tok = CLIPTokenizer.from_pretrained(light / PipelineSpec.load(light / "manifest.json").tokenizers[0])
+
+    def prompt_score(prompt: str) -> float:
+        ids = padded_ids(tok, [prompt])
+        inputs = [grpcclient.InferInput("image", [1, *image.shape], "UINT8"),
+                  grpcclient.InferInput("input_ids", list(ids.shape), "INT64")]
+        inputs[0].set_data_from_numpy(image[None])
+        inputs[1].set_data_from_numpy(ids)
+        return float(client.infer("ref_discriminator_prompt", inputs).as_numpy("p_real").reshape(-1)[0])
+
+    assert conf == pytest.approx(prompt_score(PROMPT), abs=1e-5)
+    assert abs(prompt_score("a blue circle at bottom right") - conf) > 1e-3
+
+
 def test_bad_input_names_the_field_and_the_cascade_stays_up(client):
     with pytest.raises(Exception, match="steps: .*allowed"):
         cascade(client, "ref_cascade", 0, seed=1)

@@ -28,9 +28,11 @@ from ..cascade_control import Controller, ServiceCosts
 from ..errors import (ConfigError, DeadlineUnreachableError, InvalidInputError, OverloadedError, RequestFailedError,
                       ShutdownError, from_message)
 from ..inputs import parse_request
-from ..options import Routing
+from ..options import DiscriminatorInput, Routing
+from ..tokenizer import padded_ids
 from ..spec import PipelineSpec
-from ..wire import ENTRY_INPUT_NAMES, OUTPUT_CONFIDENCE, OUTPUT_IMAGE, OUTPUT_MODEL, OUTPUT_STEPS
+from ..wire import (DISCRIMINATOR_IDS, DISCRIMINATOR_IMAGE, DISCRIMINATOR_OUTPUT, ENTRY_INPUT_NAMES, OUTPUT_CONFIDENCE,
+                    OUTPUT_IMAGE, OUTPUT_MODEL, OUTPUT_STEPS)
 from .common import (InFlight, Relayed, engine_final, input_or_none, int_param, parameters, requested, response,
                      setup_logging)
 from .errors import error_response, relayed_error
@@ -58,13 +60,19 @@ class TritonPythonModel:
 
         self.limits = spec.limits
         self.tokenizers = [CLIPTokenizer.from_pretrained(light_dir / d) for d in spec.tokenizers]
-        self.controller = None
-        if self.settings.routing is Routing.CONTROLLED:
+        self.controller, self.disc_inputs = None, DiscriminatorInput.IMAGE
+        if self.router.scores:
             path = repo / self.discriminator / "1" / "discriminator.json"
             if not path.exists():
-                raise ConfigError(f"discriminator: {path} is missing (its deferral profile; add the model with "
-                                  "tessera cascade)")
+                raise ConfigError(f"discriminator: {path} is missing (its training record and deferral profile; add "
+                                  "the model with tessera cascade)")
             record = json.loads(path.read_text())
+            self.disc_inputs = DiscriminatorInput.parse("discriminator inputs", record.get("inputs", "image"))
+            if self.disc_inputs is DiscriminatorInput.IMAGE_PROMPT and len(self.tokenizers[0]) != record["tokenizer"]["vocab"]:
+                raise ConfigError(f"discriminator: trained on a {record['tokenizer']['vocab']}-token vocabulary, the "
+                                  f"light pipeline {self.light} tokenizes with {len(self.tokenizers[0])}; allowed: a "
+                                  "discriminator trained with this light pipeline's tokenizer")
+        if self.settings.routing is Routing.CONTROLLED:
             try:
                 costs = ServiceCosts(float(params["light_s"]), float(params["heavy_s"]))
                 cores = float(params.get("cores", os.cpu_count() or 1))
@@ -124,18 +132,22 @@ class TritonPythonModel:
                 continue
             try:
                 arrays = {t.name(): np.array(t.as_numpy(), copy=True) for t in request.inputs()}
-                self.pool.submit(self._serve, arrays, requested(request), slo_ms, plan, sender, t0)
+                # the prompt's tokens for a discriminator that reads them, made here on the execute thread (a fast
+                # tokenizer keeps state: the forwarding threads must not share it)
+                ids = (padded_ids(self.tokenizers[0], [items[0].prompt])
+                       if self.disc_inputs is DiscriminatorInput.IMAGE_PROMPT else None)
+                self.pool.submit(self._serve, arrays, ids, requested(request), slo_ms, plan, sender, t0)
             except Exception as e:  # noqa: BLE001 - (shutting down) answered here, never left without a response
                 self.in_flight.leave()
                 sender.send(error_response(e), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
 
-    def _serve(self, arrays: dict[str, np.ndarray], wanted: frozenset[str], slo_ms: int | None, plan, sender,
-               t0: float) -> None:
+    def _serve(self, arrays: dict[str, np.ndarray], ids: np.ndarray | None, wanted: frozenset[str], slo_ms: int | None, plan,
+               sender, t0: float) -> None:
         """One request, arrived at t0 (monotonic) under `plan` (None: not controlled): every exit sends its one
         response."""
         try:
-            answer = response(self._cascade(arrays, slo_ms, plan, t0), wanted)
+            answer = response(self._cascade(arrays, ids, slo_ms, plan, t0), wanted)
         except Relayed as e:
             answer = pb_utils.InferenceResponse(error=relayed_error(str(e)))
         except Exception as e:  # noqa: BLE001 - every request gets its one response
@@ -144,7 +156,7 @@ class TritonPythonModel:
         self.in_flight.leave()
         sender.send(answer, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
-    def _cascade(self, arrays, slo_ms, plan, t0):
+    def _cascade(self, arrays, ids, slo_ms, plan, t0):
         threshold, heavy_cap = self.settings.threshold, None
         if plan is not None:
             threshold, heavy_cap = plan.threshold, plan.heavy_cap
@@ -153,7 +165,7 @@ class TritonPythonModel:
         if self.router.runs_light:
             light = self._engine(self.light, {**arrays, "steps": np.full_like(arrays["steps"], self.settings.light_steps)})
             if self.router.scores:
-                confidence = self._score(light[0])
+                confidence = self._score(light[0], ids)
         route = self.router.route(confidence, threshold)
         if route.defer and light is not None:
             route = self._admit_heavy(route, heavy_cap)
@@ -234,12 +246,16 @@ class TritonPythonModel:
         return final[OUTPUT_IMAGE].as_numpy().copy(), (steps.as_numpy().copy() if steps is not None
                                                        else np.zeros((1, 1), np.int32))
 
-    def _score(self, image: np.ndarray) -> float:
-        response = pb_utils.InferenceRequest(model_name=self.discriminator, requested_output_names=["p_real"],
-                                             inputs=[pb_utils.Tensor("image", np.ascontiguousarray(image))]).exec()
+    def _score(self, image: np.ndarray, ids: np.ndarray | None) -> float:
+        """The discriminator's confidence in the light image (with the prompt's tokens `ids` when it reads them)."""
+        inputs = [pb_utils.Tensor(DISCRIMINATOR_IMAGE, np.ascontiguousarray(image))]
+        if ids is not None:
+            inputs.append(pb_utils.Tensor(DISCRIMINATOR_IDS, ids))
+        response = pb_utils.InferenceRequest(model_name=self.discriminator, requested_output_names=[DISCRIMINATOR_OUTPUT],
+                                             inputs=inputs).exec()
         if response.has_error():
             raise Relayed(f"{self.discriminator}: {response.error().message()}")
-        return float(pb_utils.get_output_tensor_by_name(response, "p_real").as_numpy().reshape(-1)[0])
+        return float(pb_utils.get_output_tensor_by_name(response, DISCRIMINATOR_OUTPUT).as_numpy().reshape(-1)[0])
 
     def _count_tokens(self, text: str) -> int:
         return max(len(tok(text).input_ids) for tok in self.tokenizers)
