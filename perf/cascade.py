@@ -9,7 +9,7 @@ deferral fraction, a static threshold at that same fraction, and the controlled 
 2. Service costs measured first through the server: closed-loop throughput of each pipeline alone at concurrency 8
    (its batching included) gives core-seconds per request (each engine is one process), light + discriminator
    for the light one; the isolated heavy latency sets the SLO (--slo-scale x). The controlled cascade plans with
-   these (light_s, heavy_s, 2 cores).
+   these (light_s, heavy_s, 2 cores, at most one per engine: each is one single-threaded process).
 3. The trace, DiffServe's way: an hourly Azure-like shape min-max rescaled to a band of rates (multiples of the
    heavy pipeline's measured capacity), each hour compressed to --seconds-per-hour, Poisson inside; prompts cycle
    the 48 shapes captions. Every variant replays the same trace.
@@ -196,8 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[tessera] isolated ms heavy {iso_heavy:.0f} light {iso_light:.0f} (x{iso_heavy / iso_light:.1f}), "
               f"discriminator {1e3 * disc_s:.1f} ms; closed-loop rps heavy {rps_heavy:.2f} light {rps_light:.2f}; "
               f"SLO {slo_ms:.0f} ms", flush=True)
+        # each engine is one process with one thread: at most one core each, whatever the split (the core-seconds
+        # above are per request on that one core)
         add_cascade(repo, "cascade_controlled", "light_engine", "engine", routing="controlled", cores=2,
-                    light_s=round(costs.light_s, 5), heavy_s=round(costs.heavy_s, 5), **common)
+                    light_max_cores=1, heavy_max_cores=1, light_s=round(costs.light_s, 5),
+                    heavy_s=round(costs.heavy_s, 5), **common)
         server.load("cascade_controlled")
 
         lo, hi = (float(x) * rps_heavy for x in args.band.split(","))

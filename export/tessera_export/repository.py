@@ -495,7 +495,8 @@ def add_cascade(repo: str | Path, name: str, light: str, heavy: str, discriminat
     """The cascade entry `name` (DiffServe): `light` and `heavy` are engine models of this repository,
     `discriminator` the model add_discriminator wrote. `settings`: the CascadeSettings fields (routing, threshold,
     defer_fraction, light_steps, control_s, seed) and, for routing controlled, light_s / heavy_s (seconds per
-    request alone) and cores (the host's, shared by both pipelines). Checked here, as the model checks them."""
+    request alone), cores (the host's, shared by both pipelines) and light_max_cores / heavy_max_cores (the most each
+    pipeline's engine can use). Checked here, as the model checks them."""
     from tessera.cascade import ENTRY_PARAMETERS, CascadeSettings
     from tessera.cascade_control import ServiceCosts
 
@@ -503,7 +504,8 @@ def add_cascade(repo: str | Path, name: str, light: str, heavy: str, discriminat
     for model in (light, heavy, discriminator):
         if not (repo / model / "config.pbtxt").exists():
             raise ExportError(f"cascade: model {model!r} is not in {repo}")
-    known = {f.name for f in dataclasses.fields(CascadeSettings)} | {"light_s", "heavy_s", "cores"}
+    known = {f.name for f in dataclasses.fields(CascadeSettings)} | {"light_s", "heavy_s", "cores", "light_max_cores",
+                                                                     "heavy_max_cores"}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ExportError(f"{unknown[0]}: not a cascade setting; allowed {', '.join(sorted(known))}")
@@ -512,6 +514,9 @@ def add_cascade(repo: str | Path, name: str, light: str, heavy: str, discriminat
         if not {"light_s", "heavy_s"} <= set(settings):
             raise ExportError("light_s, heavy_s: required for routing controlled (seconds per request, alone)")
         ServiceCosts(float(settings["light_s"]), float(settings["heavy_s"]))  # ConfigError naming a bad one
+        for k in ("cores", "light_max_cores", "heavy_max_cores"):
+            if k in settings and not float(settings[k]) > 0:
+                raise ExportError(f"{k}: must be > 0, got {settings[k]!r}")
     ins = [(s.name, f"TYPE_{s.triton_type}", list(s.dims), s.optional, False) for s in ENTRY_INPUTS]
     outs = [(OUTPUT_IMAGE, "TYPE_UINT8", [-1, -1, 3], False, False), (OUTPUT_STEPS, "TYPE_INT32", [1], False, False),
             (OUTPUT_MODEL, "TYPE_STRING", [1], False, False), (OUTPUT_CONFIDENCE, "TYPE_FP32", [1], False, False)]

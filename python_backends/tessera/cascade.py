@@ -96,7 +96,8 @@ class CascadeSettings:
         return cls(**out)
 
 
-ENTRY_PARAMETERS = frozenset({"light", "heavy", "discriminator", "max_in_flight", "light_s", "heavy_s", "cores"})
+ENTRY_PARAMETERS = frozenset({"light", "heavy", "discriminator", "max_in_flight", "light_s", "heavy_s", "cores",
+                              "light_max_cores", "heavy_max_cores"})
 
 
 class Router:

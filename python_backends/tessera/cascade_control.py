@@ -53,13 +53,15 @@ class ControlPlan:
 
 
 def solve(demand_rps: float, profile: DeferralProfile, costs: ServiceCosts, slo_s: float, cores: float,
-          units_per_core: int = 10) -> ControlPlan:
+          units_per_core: int = 10, light_max: float | None = None, heavy_max: float | None = None) -> ControlPlan:
     """The MILP (scipy.optimize.milp, HiGHS): one-hot z over the profile's thresholds, integer compute units n_l,
     n_h (1 / units_per_core of a core each). Maximise the chosen threshold's rank in the grid (minus a tie-break on
     units used) subject to
         light:  n_l / u >= s_l / B_l + lambda s_l
         heavy:  n_h / u >= sum_i z_i ([f_i > 0] s_h / B_h + lambda f_i s_h)
-        n_l + n_h <= cores x u,  sum z = 1."""
+        n_l + n_h <= cores x u,  sum z = 1,
+    and each pipeline at most the cores it can use (`light_max`, `heavy_max`: an engine of one single-threaded
+    process uses one core however many the host has; default: all of them)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     t0 = time.perf_counter()
@@ -68,6 +70,8 @@ def solve(demand_rps: float, profile: DeferralProfile, costs: ServiceCosts, slo_
     n = len(ts)
     u = float(units_per_core)
     units = math.floor(cores * u + 1e-9)
+    light_units = math.floor(min(cores, light_max or cores) * u + 1e-9)
+    heavy_units = math.floor(min(cores, heavy_max or cores) * u + 1e-9)
     b_light = slo_s * costs.light_s / (costs.light_s + costs.heavy_s)
     b_heavy = slo_s - b_light
     heavy_need = (fs > 0) * costs.heavy_s / b_heavy + lam * fs * costs.heavy_s  # cores per threshold
@@ -83,7 +87,7 @@ def solve(demand_rps: float, profile: DeferralProfile, costs: ServiceCosts, slo_
         (np.concatenate([np.zeros(n), [1, 1]]), -np.inf, units),
     ]
     cons = LinearConstraint(np.array([r[0] for r in rows]), [r[1] for r in rows], [r[2] for r in rows])
-    res = milp(c, constraints=cons, integrality=np.ones(n + 2), bounds=Bounds(0, np.concatenate([np.ones(n), [units, units]])))
+    res = milp(c, constraints=cons, integrality=np.ones(n + 2), bounds=Bounds(0, np.concatenate([np.ones(n), [light_units, heavy_units]])))
     ms = 1e3 * (time.perf_counter() - t0)
     if res.status != 0 or res.x is None:  # overloaded: nothing deferred; the light pipeline gets everything
         i = int(np.argmin(ts))
@@ -101,12 +105,15 @@ class Controller:
     re-solves. Thread-safe (the cascade entry's forwarding threads call it)."""
 
     def __init__(self, profile: DeferralProfile, costs: ServiceCosts, cores: float, period_s: float = 2.0,
-                 alpha: float = 0.5, start_threshold: float = 0.5, slo_s: float = 10.0, clock=time.monotonic):
+                 alpha: float = 0.5, start_threshold: float = 0.5, slo_s: float = 10.0, clock=time.monotonic,
+                 light_max: float | None = None, heavy_max: float | None = None):
         import scipy.optimize  # noqa: F401 - at load, not under the lock on the first request's thread
 
-        if not (math.isfinite(cores) and cores > 0):
-            raise ConfigError(f"cores: must be > 0, got {cores!r}")
+        for name, v in (("cores", cores), ("light_max_cores", light_max), ("heavy_max_cores", heavy_max)):
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"{name}: must be > 0, got {v!r}")
         self.profile, self.costs, self.cores, self.period_s, self.alpha = profile, costs, cores, period_s, alpha
+        self.light_max, self.heavy_max = light_max, heavy_max
         self.clock = clock
         self.lock = threading.Lock()
         self.window_start = clock()
@@ -138,7 +145,8 @@ class Controller:
             self.slo_s = self.slo_sum / self.slo_n
         self.window_start, self.arrivals, self.slo_sum, self.slo_n = now, 0, 0.0, 0
         try:
-            self.plan = solve(self.demand_rps, self.profile, self.costs, self.slo_s, self.cores)
+            self.plan = solve(self.demand_rps, self.profile, self.costs, self.slo_s, self.cores,
+                              light_max=self.light_max, heavy_max=self.heavy_max)
         except Exception as e:  # noqa: BLE001 - the plan in force stays; the next window tries again
             log.warning("[tessera] cascade controller: the MILP failed (%s); the plan in force stays", e)
             return

@@ -184,8 +184,9 @@ def _cmd_cascade(a: argparse.Namespace) -> int:
                 "light_steps": a.light_steps, "control_s": a.control_s}
     if a.light_s is not None and a.heavy_s is not None:
         settings |= {"light_s": a.light_s, "heavy_s": a.heavy_s}
-    if a.cores is not None:
-        settings["cores"] = a.cores
+    for k in ("cores", "light_max_cores", "heavy_max_cores"):
+        if getattr(a, k) is not None:
+            settings[k] = getattr(a, k)
     add_cascade(a.repo, a.name, a.light, a.heavy, a.discriminator, max_in_flight=a.max_in_flight, **settings)
     print(f"[tessera] cascade: {a.name} in {a.repo} ({a.light} -> {a.heavy}, routing {a.routing})")
     return 0
@@ -558,6 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "(required for controlled)")
     ca.add_argument("--heavy-s", type=float, default=None, help="seconds per request of the heavy engine, alone")
     ca.add_argument("--cores", type=float, default=None, help="cores both pipelines share (default: the host's)")
+    ca.add_argument("--light-max-cores", type=float, default=None, help="the most cores the light engine can use (its "
+                    "processes x threads; default: --cores)")
+    ca.add_argument("--heavy-max-cores", type=float, default=None, help="the most cores the heavy engine can use")
     ca.add_argument("--max-in-flight", type=int, default=64, help="requests in flight before overload answers")
     ca.set_defaults(fn=_cmd_cascade)
 

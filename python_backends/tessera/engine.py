@@ -77,6 +77,7 @@ class Engine:
         else slo_scale x isolated). Reads only the cost model: safe before the request is added."""
         choice = state.params.early_exit
         state.early_exit = self.early_exit if choice is None else bool(choice)
+        self.placer.arrive(state)  # round-robin's turn is taken at arrival
         if self.cost is not None:
             state.isolated_s = self.cost.isolated_s(state)
         if state.params.slo_ms is not None:

@@ -5,11 +5,16 @@ rssp) place requests themselves (StepPlan.place); for the others the engine's pl
   least-work   QoS-Diff's load balancing, for an engine whose workers step together: requests longest first,
                each onto the worker with the least predicted work so far this step (the step lasts as long as its
                slowest worker). Latents live in the engine, so moving a request costs nothing.
-  round-robin  each request on the next worker in turn when first placed, and kept there (the baseline).
+  round-robin  each request on the next worker in turn in the order requests arrive at the engine (every
+               arrival takes a turn, also one the policy then refuses or drops), and kept there: a load balancer's
+               round robin, the baseline. Turns by arrival, not by first step, make the placement a function of the
+               trace alone: the simulator places exactly as the server does (a first-step turn depended on which
+               requests happened to be refused or dropped before stepping).
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 from .cost import CostModel, balance
@@ -22,6 +27,9 @@ Place = tuple[int, ...]
 class OneWorker:
     workers = 1
 
+    def arrive(self, state: RequestState) -> None:
+        """A request reached the engine (Engine.admit, on the submitting thread): round-robin takes its turn here."""
+
     def place(self, states: list[RequestState], given: dict[str, Place]) -> list[Place] | None:
         return None
 
@@ -29,6 +37,9 @@ class OneWorker:
 class LeastWork:
     def __init__(self, workers: int, cost: CostModel | None):
         self.workers, self.cost = workers, cost
+
+    def arrive(self, state: RequestState) -> None:
+        pass
 
     def _time(self, states) -> float:
         if self.cost is not None:
@@ -49,20 +60,23 @@ class RoundRobin:
         self.workers, self.remember = workers, remember
         self._next = 0
         self._placed: OrderedDict[str, Place] = OrderedDict()
+        self._lock = threading.Lock()  # arrive() runs on the submitting thread, place() on the step loop
+
+    def arrive(self, state: RequestState) -> None:
+        with self._lock:
+            self._turn(state.request_id)
+
+    def _turn(self, request_id: str) -> Place:
+        if request_id not in self._placed:
+            self._placed[request_id] = (self._next % self.workers,)
+            self._next += 1
+            if len(self._placed) > self.remember:
+                self._placed.popitem(last=False)
+        return self._placed[request_id]
 
     def place(self, states: list[RequestState], given: dict[str, Place]) -> list[Place] | None:
-        out = []
-        for s in states:
-            if s.request_id in given:
-                out.append(given[s.request_id])
-                continue
-            if s.request_id not in self._placed:
-                self._placed[s.request_id] = (self._next % self.workers,)
-                self._next += 1
-                if len(self._placed) > self.remember:
-                    self._placed.popitem(last=False)
-            out.append(self._placed[s.request_id])
-        return out
+        with self._lock:  # a request that never arrived through admit (a direct add) takes its turn here
+            return [given[s.request_id] if s.request_id in given else self._turn(s.request_id) for s in states]
 
 
 def make_placer(workers: int, placement: Placement | str, cost: CostModel | None):

@@ -65,6 +65,19 @@ def test_controller_lowers_the_threshold_as_demand_grows():
                                                                                   (plans[0], plans[3], plans[8])]
 
 
+def test_a_pipeline_that_can_use_one_core_gets_at_most_one_and_less_is_deferred():
+    """An engine of one single-threaded process cannot use the host's second core: with heavy_max 1 the plan never
+    gives the heavy pipeline more than one core, and where two would have carried more deferrals it defers less."""
+    free = [solve(lam, PROFILE, COSTS, slo_s=3.0, cores=2.0) for lam in (2, 4, 6, 8)]
+    capped = [solve(lam, PROFILE, COSTS, slo_s=3.0, cores=2.0, heavy_max=1.0) for lam in (2, 4, 6, 8)]
+    assert all(p.heavy_cores <= 1.0 + 1e-9 for p in capped)
+    assert all(c.deferral <= f.deferral for c, f in zip(capped, free, strict=True))
+    assert any(c.deferral < f.deferral for c, f in zip(capped, free, strict=True))
+    assert any(f.heavy_cores > 1.0 for f in free)  # the uncapped plans did use more than one core
+    with pytest.raises(ConfigError, match="heavy_max_cores: must be > 0"):
+        Controller(PROFILE, COSTS, cores=2.0, heavy_max=0.0)
+
+
 def test_controller_re_solves_each_window_from_a_moving_average_of_demand():
     now = [0.0]
     c = Controller(PROFILE, COSTS, cores=2.0, period_s=2.0, alpha=0.5, start_threshold=0.5, clock=lambda: now[0])

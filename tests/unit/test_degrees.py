@@ -160,6 +160,11 @@ def test_least_work_balances_and_round_robin_keeps_turns():
     rr = RoundRobin(2)
     assert rr.place(states, {}) == [(0,), (1,), (0,), (1,)]
     assert rr.place(states[::-1], {}) == [(1,), (0,), (1,), (0,)]  # kept where first placed
+    # turns are taken at arrival: a request that arrived and never stepped (refused, dropped) still took one
+    rr = RoundRobin(2)
+    for s in (req("a"), req("refused"), req("b"), req("c")):
+        rr.arrive(s)
+    assert rr.place([req("c"), req("b"), req("a")], {}) == [(1,), (0,), (0,)]
     assert LeastWork(2, cost).place(states, {"big": (0, 1)})[0] == (0, 1)
     groups = groups_of(states, [False] * 4, places)
     assert sorted(len(g) for g, _, _ in groups) == [1, 3] and all(k == 1 for _, _, k in groups)

@@ -1,7 +1,8 @@
 """The cascade entry (DiffServe, issue 17): one request in, one image out, from the light or the heavy pipeline.
 
 Per request, on a forwarding thread: (1) the light engine runs it at `light_steps` steps (BLS, decoupled, like the
-txt2img facade); (2) the discriminator model scores the light image, P(real); (3) the router keeps the light image
+txt2img facade); (2) the discriminator model scores the light image, P(real) (an image+prompt discriminator
+with the prompt's tokens too); (3) the router keeps the light image
 when the confidence clears the threshold, else (4) the heavy engine runs the request with what is left of its SLO
 (a deadline covers light + discriminator + heavy). The response carries `image`, `step`, `model` ("light" or
 "heavy") and `confidence`. With routing `controlled`, the Controller re-chooses the threshold and the heavy
@@ -76,12 +77,16 @@ class TritonPythonModel:
             try:
                 costs = ServiceCosts(float(params["light_s"]), float(params["heavy_s"]))
                 cores = float(params.get("cores", os.cpu_count() or 1))
+                light_max, heavy_max = (float(params[k]) if k in params else None
+                                        for k in ("light_max_cores", "heavy_max_cores"))
             except (KeyError, ValueError) as e:
-                raise ConfigError(f"light_s, heavy_s, cores: numbers (seconds per request alone; cores); light_s and "
-                                  f"heavy_s required for routing controlled, got {params.get('light_s')!r}, "
-                                  f"{params.get('heavy_s')!r}, {params.get('cores')!r}") from e
+                raise ConfigError(f"light_s, heavy_s, cores, light_max_cores, heavy_max_cores: numbers (seconds per "
+                                  f"request alone; cores); light_s and heavy_s required for routing controlled, got "
+                                  f"{params.get('light_s')!r}, {params.get('heavy_s')!r}, {params.get('cores')!r}, "
+                                  f"{params.get('light_max_cores')!r}, {params.get('heavy_max_cores')!r}") from e
             self.controller = Controller(DeferralProfile.from_json(record["profile"]), costs, cores,
-                                         self.settings.control_s, start_threshold=self.settings.threshold)
+                                         self.settings.control_s, start_threshold=self.settings.threshold,
+                                         light_max=light_max, heavy_max=heavy_max)
         self._published = -1  # the controller decisions the gauges show
         limit = int_param(params, "max_in_flight", 256)
         self.in_flight = InFlight(self.name, limit)
