@@ -25,24 +25,32 @@ QUANTILES = np.linspace(0.05, 0.95, 19)  # f(t) is measured at 0, 1 and these qu
 INPUT, IDS, OUTPUT = DISCRIMINATOR_IMAGE, DISCRIMINATOR_IDS, DISCRIMINATOR_OUTPUT
 
 
+def _convs(width: int) -> tuple[nn.Sequential, int]:
+    """Both discriminators' image branch: 4 stride-2 convs (GroupNorm, SiLU), 64 x 64 -> 4 x 4; (layers, channels)."""
+    chans = (3, width // 2, width, 2 * width, 2 * width)
+    layers = []
+    for i in range(4):
+        layers += [nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1), nn.GroupNorm(8, chans[i + 1]), nn.SiLU()]
+    return nn.Sequential(*layers), chans[-1]
+
+
+def _pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> [-1, 1] [N, 3, 64, 64], always resized (identity at 64 x 64), so the exported graph
+    resizes every size it is given."""
+    x = images.float().permute(0, 3, 1, 2) / 127.5 - 1.0
+    return F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+
+
 class Discriminator(nn.Module):
     """uint8 [N, H, W, 3] -> P(real) [N, 1]: 4 stride-2 convs (GroupNorm, SiLU), mean pool, one logit."""
 
     def __init__(self, width: int = 32):
         super().__init__()
-        chans = (3, width // 2, width, 2 * width, 2 * width)
-        layers = []
-        for i in range(4):
-            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1), nn.GroupNorm(8, chans[i + 1]),
-                       nn.SiLU()]
-        self.conv = nn.Sequential(*layers)
-        self.head = nn.Linear(chans[-1], 1)
+        self.conv, chans = _convs(width)
+        self.head = nn.Linear(chans, 1)
 
     def logit(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float().permute(0, 3, 1, 2) / 127.5 - 1.0
-        # always resized (identity at 64 x 64), so the exported graph resizes every size it is given
-        x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
-        return self.head(self.conv(x).mean(dim=(2, 3)))
+        return self.head(self.conv(_pixels(images)).mean(dim=(2, 3)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logit(images))
@@ -57,22 +65,15 @@ class PromptDiscriminator(nn.Module):
 
     def __init__(self, vocab: int, pad_id: int, width: int = 32, dim: int = 128):
         super().__init__()
-        chans = (3, width // 2, width, 2 * width, 2 * width)
-        layers = []
-        for i in range(4):
-            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1), nn.GroupNorm(8, chans[i + 1]),
-                       nn.SiLU()]
-        self.conv = nn.Sequential(*layers)
-        self.image = nn.Linear(chans[-1] * (SIZE // 16) ** 2, dim)
+        self.conv, chans = _convs(width)
+        self.image = nn.Linear(chans * (SIZE // 16) ** 2, dim)
         self.embed = nn.Embedding(vocab, dim)
         self.text = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim))
         self.head = nn.Linear(dim, 1)
         self.register_buffer("pad_id", torch.tensor(pad_id, dtype=torch.int64), persistent=True)
 
     def logit(self, images: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        x = images.float().permute(0, 3, 1, 2) / 127.5 - 1.0
-        x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
-        h = F.silu(self.image(self.conv(x).flatten(1)))
+        h = F.silu(self.image(self.conv(_pixels(images)).flatten(1)))
         mask = (input_ids != self.pad_id).float().unsqueeze(-1)
         t = self.text((self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1.0))
         return self.head(h) + (t * h).sum(-1, keepdim=True)
