@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import shutil
 import struct
@@ -514,9 +515,13 @@ def add_cascade(repo: str | Path, name: str, light: str, heavy: str, discriminat
         if not {"light_s", "heavy_s"} <= set(settings):
             raise ExportError("light_s, heavy_s: required for routing controlled (seconds per request, alone)")
         ServiceCosts(float(settings["light_s"]), float(settings["heavy_s"]))  # ConfigError naming a bad one
-        for k in ("cores", "light_max_cores", "heavy_max_cores"):
-            if k in settings and not float(settings[k]) > 0:
-                raise ExportError(f"{k}: must be > 0, got {settings[k]!r}")
+    for k in ("cores", "light_max_cores", "heavy_max_cores"):
+        try:
+            ok = k not in settings or (math.isfinite(float(settings[k])) and float(settings[k]) > 0)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ExportError(f"{k}: must be a finite number of cores > 0, got {settings[k]!r}")
     ins = [(s.name, f"TYPE_{s.triton_type}", list(s.dims), s.optional, False) for s in ENTRY_INPUTS]
     outs = [(OUTPUT_IMAGE, "TYPE_UINT8", [-1, -1, 3], False, False), (OUTPUT_STEPS, "TYPE_INT32", [1], False, False),
             (OUTPUT_MODEL, "TYPE_STRING", [1], False, False), (OUTPUT_CONFIDENCE, "TYPE_FP32", [1], False, False)]

@@ -91,7 +91,7 @@ def solve(demand_rps: float, profile: DeferralProfile, costs: ServiceCosts, slo_
     ms = 1e3 * (time.perf_counter() - t0)
     if res.status != 0 or res.x is None:  # overloaded: nothing deferred; the light pipeline gets everything
         i = int(np.argmin(ts))
-        return ControlPlan(float(ts[i]), float(fs[i]), float(cores), 0.0, max(1, math.ceil(lam * slo_s)), 0,
+        return ControlPlan(float(ts[i]), float(fs[i]), light_units / u, 0.0, max(1, math.ceil(lam * slo_s)), 0,
                            False, lam, ms)
     z = np.round(res.x[:n]).astype(int)
     i = int(np.argmax(z))
@@ -121,7 +121,9 @@ class Controller:
         self.slo_sum, self.slo_n = 0.0, 0
         self.slo_s = slo_s  # the mean SLO of the last window that had any (until one does: this)
         self.demand_rps: float | None = None
-        self.plan = ControlPlan(start_threshold, profile.f(start_threshold), cores / 2, cores / 2, 1, 1, True, 0.0, 0.0)
+        half = cores / 2
+        self.plan = ControlPlan(start_threshold, profile.f(start_threshold), min(half, light_max or half),
+                                min(half, heavy_max or half), 1, 1, True, 0.0, 0.0)
         self.history: list[tuple[float, ControlPlan]] = []
 
     def arrive(self, slo_s: float | None) -> ControlPlan:

@@ -74,7 +74,8 @@ class Engine:
     # -- membership ---------------------------------------------------------------------------------
     def admit(self, state: RequestState) -> None:
         """Resolve a newcomer's early-exit choice, predicted isolated latency and deadline (its slo_ms,
-        else slo_scale x isolated). Reads only the cost model: safe before the request is added."""
+        else slo_scale x isolated), and give the placer its arrival (round-robin's turn; the placer locks its own
+        state). Reads only the cost model otherwise: safe before the request is added."""
         choice = state.params.early_exit
         state.early_exit = self.early_exit if choice is None else bool(choice)
         self.placer.arrive(state)  # round-robin's turn is taken at arrival

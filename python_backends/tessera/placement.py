@@ -8,8 +8,10 @@ rssp) place requests themselves (StepPlan.place); for the others the engine's pl
   round-robin  each request on the next worker in turn in the order requests arrive at the engine (every
                arrival takes a turn, also one the policy then refuses or drops), and kept there: a load balancer's
                round robin, the baseline. Turns by arrival, not by first step, make the placement a function of the
-               trace alone: the simulator places exactly as the server does (a first-step turn depended on which
-               requests happened to be refused or dropped before stepping).
+               arrivals alone: on a trace of one image per request that stays under the entry's in-flight bound,
+               the simulator places as the server does (a first-step turn depended on which requests happened to
+               be refused or dropped before stepping). A request refused as overloaded still took its turn on the
+               server; the simulator has no in-flight bound.
 """
 
 from __future__ import annotations

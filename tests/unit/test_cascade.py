@@ -150,6 +150,9 @@ def test_add_cascade_checks_models_and_settings(tmp_path):
         add_cascade(tmp_path, "cascade", "light_engine", "engine")
     with pytest.raises(ConfigError, match="routing: unknown value"):
         add_cascade(tmp_path, "cascade", "light_engine", "engine", routing="sometimes")
+    for bad in (0, -1, "two", float("inf")):
+        with pytest.raises(ExportError, match="heavy_max_cores: must be a finite number of cores > 0"):
+            add_cascade(tmp_path, "cascade", "light_engine", "engine", routing="static", heavy_max_cores=bad)
     cfg = (add_cascade(tmp_path, "cascade", "light_engine", "engine", routing="static", threshold=0.4)
            / "config.pbtxt").read_text()
     assert 'key: "threshold" value: { string_value: "0.4" }' in cfg and 'name: "model" data_type: TYPE_STRING' in cfg

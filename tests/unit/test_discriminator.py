@@ -74,6 +74,7 @@ def test_add_discriminator_exports_onnx_from_the_committed_weights(tmp_path):
     (src / "discriminator.json").write_text(json.dumps({"profile": {}}))
     vdir = add_discriminator(tmp_path / "repo", src, "disc")
     assert sorted(p.name for p in vdir.iterdir()) == ["discriminator.json", "model.onnx", "model.py"]
+    assert "input_ids" not in (vdir.parent / "config.pbtxt").read_text()  # an image-only record: one input
     images = real_images(4, seed=3)
     got = ort.InferenceSession(str(vdir / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": images})[0]
     assert got.shape == (4, 1) and np.abs(got[:, 0] - score(model, images)).max() < 1e-5
@@ -167,3 +168,7 @@ def test_add_discriminator_declares_the_prompt_input_of_an_image_prompt_discrimi
     assert config.count("name: \"input_ids\"") == 1 and "TYPE_INT64" in config
     with pytest.raises(ConfigError, match="inputs: unknown value; allowed image, image\\+prompt"):
         build({"inputs": "prompt"})
+    from tessera.quality.discriminator import train_discriminator
+
+    with pytest.raises(ConfigError, match="generated_share, ablate: settings of inputs image\\+prompt only"):
+        train_discriminator(tmp_path / "out", "light", "heavy", "evaluator.pt", light_steps=1, generated_share=0.1)

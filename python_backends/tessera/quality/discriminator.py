@@ -254,15 +254,17 @@ def train_discriminator(out_dir: str | Path, light_dir: str | Path, heavy_dir: s
     pipelines' (label 0). inputs "image+prompt": a PromptDiscriminator, real images with their prompt (1) against
     real images with a near-miss prompt and, for `generated_share` of each batch, generated images with theirs (0);
     `ablate` trains one more per listed share and records how each routes on the held-out set."""
+    from ..errors import ConfigError
     from ..options import DiscriminatorInput
     from .features import evaluator_features, load_evaluator
     from .shapes import parse_caption
 
     kind = DiscriminatorInput.parse("inputs", inputs)
-    if ablate and kind is DiscriminatorInput.IMAGE:
-        raise ValueError("ablate: shares of generated images are a setting of inputs image+prompt only")
+    if (ablate or generated_share) and kind is DiscriminatorInput.IMAGE:
+        raise ConfigError("generated_share, ablate: settings of inputs image+prompt only (inputs image trains on "
+                          f"real vs generated images, half each); got {generated_share}, {ablate}")
     if not 0.0 <= generated_share <= 0.5 or any(not 0.0 <= a <= 0.5 for a in ablate):
-        raise ValueError(f"generated_share, ablate: shares of a batch in [0, 0.5], got {generated_share}, {ablate}")
+        raise ConfigError(f"generated_share, ablate: shares of a batch in [0, 0.5], got {generated_share}, {ablate}")
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

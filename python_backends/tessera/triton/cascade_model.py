@@ -69,10 +69,8 @@ class TritonPythonModel:
                                   "the model with tessera cascade)")
             record = json.loads(path.read_text())
             self.disc_inputs = DiscriminatorInput.parse("discriminator inputs", record.get("inputs", "image"))
-            if self.disc_inputs is DiscriminatorInput.IMAGE_PROMPT and len(self.tokenizers[0]) != record["tokenizer"]["vocab"]:
-                raise ConfigError(f"discriminator: trained on a {record['tokenizer']['vocab']}-token vocabulary, the "
-                                  f"light pipeline {self.light} tokenizes with {len(self.tokenizers[0])}; allowed: a "
-                                  "discriminator trained with this light pipeline's tokenizer")
+            if self.disc_inputs is DiscriminatorInput.IMAGE_PROMPT:
+                self._check_tokenizer(record)
         if self.settings.routing is Routing.CONTROLLED:
             try:
                 costs = ServiceCosts(float(params["light_s"]), float(params["heavy_s"]))
@@ -96,6 +94,20 @@ class TritonPythonModel:
         self._metrics()
         log.info("[tessera] loaded %s: cascade %s -> %s by %s (routing %s)", self.name, self.light, self.heavy,
                  self.discriminator, self.settings.routing)
+
+    def _check_tokenizer(self, record: dict) -> None:
+        """An image+prompt discriminator reads token ids: the light pipeline's tokenizer must be the one it was
+        trained with (vocabulary size and padding id, recorded by the trainer)."""
+        tok = self.tokenizers[0]
+        want = record.get("tokenizer") or {}
+        if "vocab" not in want or "pad_id" not in want:
+            raise ConfigError("discriminator: its record (discriminator.json) has no tokenizer.vocab / tokenizer.pad_id; "
+                              "allowed: a record written by tessera train-discriminator --inputs image+prompt")
+        if (len(tok), tok.pad_token_id) != (want["vocab"], want["pad_id"]):
+            raise ConfigError(f"discriminator: trained on a {want['vocab']}-token vocabulary padded with id "
+                              f"{want['pad_id']}, the light pipeline {self.light} tokenizes with {len(tok)} tokens "
+                              f"padded with id {tok.pad_token_id}; allowed: a discriminator trained with this light "
+                              "pipeline's tokenizer")
 
     def _metrics(self) -> None:
         self.metrics = MetricSet(self.name)
