@@ -98,7 +98,9 @@ def discriminator_s(url: str, record: dict, repeats: int = 50) -> float:
     x = np.random.default_rng(0).integers(0, 256, (1, *SIZE, 3), dtype=np.uint8)
     inputs = [InferInput("image", list(x.shape), "UINT8")]
     inputs[0].set_data_from_numpy(x)
-    if record.get("inputs", "image") == "image+prompt":
+    from tessera.options import DiscriminatorInput
+
+    if DiscriminatorInput.parse("inputs", record.get("inputs", "image")) is DiscriminatorInput.IMAGE_PROMPT:
         inputs.append(InferInput("input_ids", [1, 77], "INT64"))
         inputs[1].set_data_from_numpy(np.full((1, 77), record["tokenizer"]["pad_id"], np.int64))
     times = []

@@ -306,11 +306,12 @@ def train_discriminator(out_dir: str | Path, light_dir: str | Path, heavy_dir: s
     ho_caps = [lb.caption for lb, _ in ho_jobs]
     miss_caps = [near_miss(parse_caption(c), np.random.default_rng(seed + i)).caption for i, c in enumerate(ho_real_caps)]
 
-    def held_out_scores(m):
-        return (score(m, ho_light, ids(ho_caps)), score(m, ho_heavy, ids(ho_caps)), score(m, ho_real, ids(ho_real_caps)),
-                score(m, ho_real, ids(miss_caps)) if tokenizer is not None else None)
+    def light_and_real(m):
+        return score(m, ho_light, ids(ho_caps)), score(m, ho_real, ids(ho_real_caps))
 
-    c_light, c_heavy, c_real, c_miss = held_out_scores(model)
+    c_light, c_real = light_and_real(model)
+    c_heavy = score(model, ho_heavy, ids(ho_caps))
+    c_miss = score(model, ho_real, ids(miss_caps)) if tokenizer is not None else None
     ev = load_evaluator(evaluator_path)
     labels = np.stack([parse_caption(c).as_array() for c in ho_caps])
     right_light = (evaluator_features(ev, ho_light)[1] == labels).all(axis=1)
@@ -329,7 +330,7 @@ def train_discriminator(out_dir: str | Path, light_dir: str | Path, heavy_dir: s
         other = build(config)
         _fit(other, _prompt_sampler(real, real_caps, generated, generated_caps, tokenizer, share,
                                     np.random.default_rng(seed)), steps)
-        cl, _, cr, _ = held_out_scores(other)
+        cl, cr = light_and_real(other)
         at = [float(np.quantile(cl, q)) for q in (0.3, 0.5, 0.7)]  # 30%, 50%, 70% deferred
         ablation.append({"generated_share": share, "auc_right_vs_wrong_light": auc(cl[right_light], cl[~right_light])
                          if mixed else None, "auc_real_vs_light": auc(cr, cl),
