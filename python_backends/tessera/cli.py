@@ -169,7 +169,8 @@ def _cmd_train_student(a: argparse.Namespace) -> int:
     _single_thread()
     record = train_student(a.out, a.teacher, a.evaluator, steps=a.steps, teacher_steps=a.teacher_steps,
                            pairs=a.pairs, held_out=a.held_out, train_steps=a.train_steps, minutes=a.minutes,
-                           seed=a.seed, init_dir=a.init or None)
+                           seed=a.seed, init_dir=a.init or None, adversarial=a.adversarial,
+                           curve_every=a.curve_every)
     print(f"[tessera] train-student: {record['held_out']}")
     return 0
 
@@ -536,6 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--seed", type=int, default=0, help="seed of the pairs, the batches and the held-out set")
     ts.add_argument("--init", default="", help="start the student from this pipeline's UNet (e.g. the light reference, "
                     "quality_models/light; default: a copy of the teacher's)")
+    ts.add_argument("--adversarial", type=float, default=0.0, help="weight of an adversarial critic's loss beside the "
+                    "regression (SD-Turbo's adversarial distillation: sharper, more real-looking images; 0: off)")
+    ts.add_argument("--curve-every", type=int, default=0, help="record the held-out verdicts and FD every so many "
+                    "training steps (training.json 'curve'; 0: only at the end)")
     ts.set_defaults(fn=_cmd_train_student)
 
     ca = sub.add_parser("cascade", help="add a DiffServe cascade entry (light engine -> discriminator -> heavy "

@@ -50,7 +50,11 @@ class Discriminator(nn.Module):
         self.head = nn.Linear(chans, 1)
 
     def logit(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.conv(_pixels(images)).mean(dim=(2, 3)))
+        return self.logit_pixels(_pixels(images))
+
+    def logit_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """The logit of float images in [-1, 1], [N, 3, 64, 64] (differentiable: the student's critic)."""
+        return self.head(self.conv(x).mean(dim=(2, 3)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logit(images))

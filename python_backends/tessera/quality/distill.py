@@ -5,7 +5,15 @@ sampler's output in latent space (Luhman & Luhman, 2021), backpropagated through
 It is a diffusers pipeline like any other (served, exported and batched as such); `train_student` writes it and
 its training record, measured here: the evaluator's verdicts on held-out seeds (the prompts cycle the shapes
 world's 48 captions) for the student at `steps` as saved (fp16-rounded), the teacher at `steps` (the same weights
-undistilled) and the teacher at 50."""
+undistilled) and the teacher at 50, and each one's FD in evaluator features against real rendered images.
+
+With `adversarial` > 0 the student is also trained against a critic, as SD-Turbo's adversarial diffusion
+distillation (Sauer et al., 2023) trains its one-step student: the decoded images of the student's sampler are
+scored by a small CNN (the discriminator's network) that learns, beside it, to tell them from real rendered
+images (hinge loss); the student's loss adds `adversarial` x the critic's hinge generator loss to the latent
+regression. Regression alone lands on the teacher's mean where the student is unsure (blurred shapes, no
+texture: far from real images in evaluator features); the critic pushes each image back onto real-looking
+ones. Unlike ADD's critic, this one does not see the prompt: it judges realism, not adherence."""
 
 from __future__ import annotations
 
@@ -48,6 +56,35 @@ def _images(pipe, latents: torch.Tensor) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).to(torch.uint8).numpy()
 
 
+def _decode(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Float images in [-1, 1], [N, 3, H, W]: the VAE's decode, differentiable (the critic's input)."""
+    return pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample.clamp(-1, 1)
+
+
+class Critic:
+    """ADD's adversarial term: a Discriminator trained beside the student on real rendered images against the
+    student's decoded images (hinge loss); `generator_loss` is what the student adds, scaled."""
+
+    def __init__(self, seed: int, pool: int = 4096, lr: float = 2e-4):
+        from .discriminator import Discriminator, real_images
+
+        self.net = Discriminator()
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=lr, betas=(0.0, 0.99), weight_decay=0.0)
+        self.real = torch.from_numpy(real_images(pool, 600_000 + seed)).float().permute(0, 3, 1, 2) / 127.5 - 1.0
+
+    def generator_loss(self, images: torch.Tensor) -> torch.Tensor:
+        return -self.net.logit_pixels(images).mean()
+
+    def update(self, images: torch.Tensor, rng: np.random.Generator) -> float:
+        real = self.real[torch.from_numpy(rng.integers(0, len(self.real), size=len(images)))]
+        loss = (F.relu(1 - self.net.logit_pixels(real)).mean()
+                + F.relu(1 + self.net.logit_pixels(images.detach())).mean())
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return loss.item()
+
+
 def sample_all(unet, sampler, noise: torch.Tensor, cond: torch.Tensor, uncond1: torch.Tensor, steps: int,
                guidance: float, chunk: int = 64) -> torch.Tensor:
     """`sample` over many requests, in chunks, without gradients; `uncond1`: the empty prompt's embedding [1, ...]."""
@@ -60,22 +97,28 @@ def sample_all(unet, sampler, noise: torch.Tensor, cond: torch.Tensor, uncond1: 
 def train_student(out_dir: str | Path, teacher_dir: str | Path, evaluator_path: str | Path, steps: int = 2,
                   teacher_steps: int = 50, guidance: float = 4.0, pairs: int = 1536, held_out: int = 288,
                   train_steps: int = 1500, batch: int = 32, lr: float = 1e-4, minutes: float = 30.0,
-                  seed: int = 0, init_dir: str | Path | None = None) -> dict:
+                  seed: int = 0, init_dir: str | Path | None = None, adversarial: float = 0.0,
+                  curve_every: int = 0) -> dict:
     """Generate teacher pairs (noise, 50-step latents), fine-tune a copy of the teacher's UNet on them (or of
-    `init_dir`'s UNet: a smaller network, e.g. the light reference's, behind the teacher's text encoder and VAE), save
-    the student pipeline to `out_dir` (fp16 files loaded as fp32, as the references) with training.json."""
+    `init_dir`'s UNet: a smaller network, e.g. the light reference's, behind the teacher's text encoder and VAE; with
+    `adversarial` > 0 against a critic as well, see the module), save the student pipeline to `out_dir` (fp16 files
+    loaded as fp32, as the references) with training.json; `curve_every` > 0 records the held-out verdicts and FD every
+    so many steps as well (the training curve)."""
     from tessera_export.tiny import load_pipeline
 
     from ..errors import ConfigError
-    from .discriminator import jobs_for
+    from .discriminator import jobs_for, real_images
     from .train import save_fp16
     from .features import evaluator_features, load_evaluator
+    from .metrics import frechet_distance
     from .shapes import parse_caption
 
     for name, value in (("steps", steps), ("teacher_steps", teacher_steps), ("pairs", pairs), ("held_out", held_out),
                         ("train_steps", train_steps), ("batch", batch)):
         if value < 1:
             raise ConfigError(f"{name}: allowed >= 1, got {value}")
+    if not adversarial >= 0:
+        raise ConfigError(f"adversarial: allowed >= 0 (the critic's weight; 0: regression only), got {adversarial}")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     out = Path(out_dir)
@@ -83,6 +126,7 @@ def train_student(out_dir: str | Path, teacher_dir: str | Path, evaluator_path: 
     pipe = load_pipeline(teacher_dir)
     pipe.set_progress_bar_config(disable=True)
     pipe.unet.eval().requires_grad_(False)
+    pipe.vae.requires_grad_(False)
     shape = (4, SIZE // 8, SIZE // 8)
     uncond1 = _embed(pipe, [""])
 
@@ -99,20 +143,45 @@ def train_student(out_dir: str | Path, teacher_dir: str | Path, evaluator_path: 
     student.train().requires_grad_(True)
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     sampler = copy.deepcopy(pipe.scheduler)
-    losses, t1, step = [], time.monotonic(), 0
+    ev = load_evaluator(evaluator_path)
+    ho_jobs, ho_noise, ho_cond = draw(held_out, 500_000 + seed * 10_000)
+    labels = np.stack([parse_caption(lb.caption).as_array() for lb, _ in ho_jobs])
+    real = evaluator_features(ev, real_images(held_out, 500_000 + seed * 10_000))[0]
+
+    def judge(z: torch.Tensor, teacher: torch.Tensor | None = None) -> dict:
+        feats, verdict = evaluator_features(ev, _images(pipe, z))
+        right = (verdict == labels).all(axis=1)
+        return {"right": float(right.mean()), "wrong": float(1 - right.mean()),
+                **({"latent_mse_to_teacher": float(F.mse_loss(z, teacher))} if teacher is not None else {}),
+                "fd_vs_real": float(frechet_distance(feats, real))}
+
+    curve = []
+    critic = Critic(seed) if adversarial > 0 else None
+    losses, gen_losses, critic_losses, t1, step = [], [], [], time.monotonic(), 0
     while step < train_steps and time.monotonic() - t0 < minutes * 60:
         idx = torch.from_numpy(rng.integers(0, pairs, size=batch))
         x = sample(student, sampler, noise[idx], cond[idx], uncond1.expand(batch, -1, -1), steps, guidance)
-        loss = F.mse_loss(x, target[idx])
+        regression = F.mse_loss(x, target[idx])
+        loss = regression
+        if critic is not None:
+            images = _decode(pipe, x)
+            gen = critic.generator_loss(images)
+            loss = regression + adversarial * gen
+            gen_losses.append(gen.item())
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
-        losses.append(loss.item())
+        if critic is not None:
+            critic_losses.append(critic.update(images, rng))
+        losses.append(regression.item())
         step += 1
         if step % 50 == 0:
             print(f"\r[tessera] distil step {step}/{train_steps} loss {np.mean(losses[-50:]):.4f} "
                   f"{time.monotonic() - t0:.0f}s", end="", flush=True)
+        if curve_every > 0 and step % curve_every == 0:
+            curve.append({"step": step, **judge(sample_all(student, sampler, ho_noise, ho_cond, uncond1, steps, guidance))})
+            print(f"\n[tessera] held out at step {step}: {curve[-1]}", flush=True)
     print()
     train_s = time.monotonic() - t1
     if not losses:
@@ -122,17 +191,10 @@ def train_student(out_dir: str | Path, teacher_dir: str | Path, evaluator_path: 
 
     # held out: other seeds (the same 48 captions); the evaluator's verdicts (every attribute right) and latent
     # error to the teacher
-    ho_jobs, ho_noise, ho_cond = draw(held_out, 500_000 + seed * 10_000)
     lat = {"student": sample_all(student, sampler, ho_noise, ho_cond, uncond1, steps, guidance),
            "teacher_few": sample_all(pipe.unet, sampler, ho_noise, ho_cond, uncond1, steps, guidance),
            "teacher": sample_all(pipe.unet, sampler, ho_noise, ho_cond, uncond1, teacher_steps, guidance)}
-    ev = load_evaluator(evaluator_path)
-    labels = np.stack([parse_caption(lb.caption).as_array() for lb, _ in ho_jobs])
-    verdicts = {}
-    for name, z in lat.items():
-        right = (evaluator_features(ev, _images(pipe, z))[1] == labels).all(axis=1)
-        verdicts[name] = {"right": float(right.mean()), "wrong": float(1 - right.mean()),
-                          "latent_mse_to_teacher": float(F.mse_loss(z, lat["teacher"]))}
+    verdicts = {name: judge(z, lat["teacher"]) for name, z in lat.items()}
 
     teacher_params = sum(p.numel() for p in pipe.unet.parameters())
     pipe.unet = student
@@ -147,7 +209,11 @@ def train_student(out_dir: str | Path, teacher_dir: str | Path, evaluator_path: 
         "size": SIZE, "pairs": pairs, "batch": batch, "lr": lr, "train_steps": step, "seed": seed,
         "generate_s": round(gen_s, 1), "train_s": round(train_s, 1),
         "loss_first_50": float(np.mean(losses[:50])), "loss_last_50": float(np.mean(losses[-50:])),
-        "held_out": {"n": held_out, **verdicts},
+        "adversarial": adversarial,
+        **({"critic": {"generator_loss_last_50": float(np.mean(gen_losses[-50:])),
+                       "critic_loss_last_50": float(np.mean(critic_losses[-50:])), "real_pool": len(critic.real)}}
+           if critic is not None else {}),
+        "held_out": {"n": held_out, **verdicts}, "curve": curve,
     }
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
