@@ -24,7 +24,9 @@ from perf.common import RESULTS, parser, write_result
 
 DEFAULT = ("heavy@50=quality_models/heavy@50,heavy@2=quality_models/heavy@2,heavy@1=quality_models/heavy@1,"
            "student@2=quality_models/student@2,student@1=quality_models/student@1,"
-           "light@50=quality_models/light@50,light@2=quality_models/light@2")
+           "light@50=quality_models/light@50,light@2=quality_models/light@2,"
+           "student-light@2=quality_models/student_light@2,student-light@1=quality_models/student_light@1,"
+           "student-turbo@1=quality_models/student_turbo@1")
 REFERENCE = "heavy@50"
 
 
